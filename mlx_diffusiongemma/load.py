@@ -1,0 +1,268 @@
+"""Checkpoints in, model out: config, weights, sanitize, quantize, strict checks.
+
+Accepts the original Hugging Face layout and the mlx-community layout made by
+mlx-vlm (quantized modules with `.scales` / `.biases`, per-module entries in
+`quantization` / `quantization_config`).
+"""
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
+from mlx_lm.utils import save_model as save_weights
+
+from .model import MODEL_TYPE, Model, ModelArgs
+
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+# Modules the mlx-community recipe keeps at 8 bits whatever the chosen bits.
+_EIGHT_BIT_SUFFIXES = ("embed_tokens", "router.proj")
+_EIGHT_BIT_PARTS = (".self_attn.", ".mlp.")
+
+
+def resolve(path_or_repo: Union[str, Path]) -> Path:
+    """A local directory, or a hub repo id fetched (or found in the local cache)
+    with huggingface_hub, which honours HF_HUB_OFFLINE and HF_HUB_CACHE."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a model directory")
+        return path
+    repo = str(path_or_repo)
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model directory {repo} does not exist (and is not a hub repo id like org/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"{repo} is not in the local Hugging Face cache and the hub cannot be reached ({e})"
+        ) from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"cannot download {repo} from the hub: {e}") from None
+
+
+def load_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a model directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ValueError(
+            f"{config_file}: model_type is {model_type!r}, but this package loads DiffusionGemma "
+            f"checkpoints (model_type {MODEL_TYPE!r})"
+        )
+    return config
+
+
+def load_safetensors(path: Path) -> dict:
+    """Every tensor of a checkpoint, sharded (with an index) or not."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index_file} is not a valid safetensors index: {e}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{index_file} points at shard {f.name}, which is missing from {path}")
+    else:
+        files = [Path(f) for f in sorted(glob.glob(str(path / "*.safetensors")))]
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {path}")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mlx raises RuntimeError / ValueError for bad files
+            raise ValueError(f"cannot read {f}: {e} (truncated or corrupt safetensors file?)") from None
+    return weights
+
+
+def quantization_of(config: dict) -> Optional[dict]:
+    """The mlx quantization entries (`quantization`, or its copy `quantization_config`)."""
+    for key in ("quantization", "quantization_config"):
+        q = config.get(key)
+        if isinstance(q, dict) and "bits" in q and "group_size" in q:
+            return q
+    return None
+
+
+def _apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> None:
+    """Swap in quantized modules where the checkpoint has them, before loading."""
+
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def check_weights(model: nn.Module, weights: dict, source: Path) -> None:
+    """Strict loading: every parameter present, nothing extra, shapes equal."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing weight(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected weight(s): {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else "")
+        )
+    for key in sorted(set(expected) & set(weights)):
+        if expected[key].shape != weights[key].shape:
+            problems.append(
+                f"weight {key} has shape {tuple(weights[key].shape)} in the checkpoint, "
+                f"the model expects {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def _as_dtype(dtype) -> mx.Dtype:
+    if isinstance(dtype, mx.Dtype):
+        return dtype
+    names = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
+    return names[dtype]
+
+
+def _cast_for_cpu_experts(model: nn.Module) -> None:
+    """mlx's CPU backend runs gather_mm (unquantized experts) in float32 only."""
+    if mx.default_device() != mx.cpu:
+        return
+    experts = [m for _, m in model.named_modules() if type(m) is SwitchLinear and m.weight.dtype != mx.float32]
+    if experts:
+        warnings.warn(
+            f"casting the unquantized expert weights from {experts[0].weight.dtype} to float32: "
+            "mlx's CPU backend multiplies experts in float32 only",
+            stacklevel=3,
+        )
+        for m in experts:
+            m.weight = m.weight.astype(mx.float32)
+
+
+def load_model(path_or_repo: Union[str, Path], dtype=None) -> Model:
+    """Build a strict-loaded model; weights keep the checkpoint's dtype unless
+    `dtype` ("bfloat16", "float16", "float32" or an mx.Dtype) is given."""
+    path = resolve(path_or_repo)
+    config = load_config(path)
+    try:
+        args = ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    model = Model(args)
+    weights = model.sanitize(load_safetensors(path))
+    quantization = quantization_of(config)
+    if quantization is not None:
+        _apply_quantization(model, quantization, weights)
+    if dtype is not None:
+        dtype = _as_dtype(dtype)
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    check_weights(model, weights, path)
+    model.update(tree_unflatten(list(weights.items())))
+    _cast_for_cpu_experts(model)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _eos_token_ids(path: Path, config: dict) -> list:
+    generation_config = path / "generation_config.json"
+    eos = None
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = config.get("text_config", {}).get("eos_token_id", 1)
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def load(path_or_repo: Union[str, Path], dtype=None):
+    """(model, tokenizer), the tokenizer in mlx-lm's TokenizerWrapper."""
+    path = resolve(path_or_repo)
+    model = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer(path, eos_token_ids=_eos_token_ids(path, load_config(path)))
+    return model, tokenizer
+
+
+def _recipe(path: str, module: nn.Module, bits: int, group_size: int, mode: str):
+    """The mlx-community recipe: embeddings, attention, dense MLP and router at
+    8 bits group 64; experts and self-conditioning at the chosen setting."""
+    if not hasattr(module, "to_quantized"):
+        return False
+    if path.endswith(_EIGHT_BIT_SUFFIXES) or any(part in path for part in _EIGHT_BIT_PARTS):
+        return {"group_size": 64, "bits": 8}
+    if ".experts." in path or ".self_conditioning." in path:
+        entry = {"group_size": group_size, "bits": bits}
+        if mode != "affine":
+            entry["mode"] = mode
+        return entry
+    return False
+
+
+def quantize(model: Model, bits: int = 4, group_size: int = 64, mode: str = "affine") -> dict:
+    """Quantize in place with the mlx-community recipe; returns the config's
+    `quantization` entries: the global setting plus an entry for each module
+    quantized otherwise. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
+    if mode in ("mxfp4", "mxfp8"):
+        group_size = 32
+    elif mode == "nvfp4":
+        group_size = 16
+    entries = {}
+
+    def predicate(path, module):
+        entry = _recipe(path, module, bits, group_size, mode)
+        if entry and (entry["bits"], entry["group_size"], entry.get("mode", "affine")) != (bits, group_size, mode):
+            entries[path] = entry
+        return entry
+
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
+    return {"group_size": group_size, "bits": bits, "mode": mode, **entries}
+
+
+def save_model(model: Model, path: Union[str, Path], config: dict) -> Path:
+    """Write weights (sharded, with index) and config.json into a fresh directory,
+    atomically: everything goes to a temporary sibling renamed at the end."""
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_weights(staging, model)
+        save_config(dict(config), staging / "config.json", keep_vision_config=True)
+        if path.exists():
+            path.rmdir()
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,444 @@
+"""DiffusionGemma text model in MLX: a causal encoder that fills a KV cache and a
+bidirectional decoder that denoises a canvas against it (reference:
+transformers.models.diffusion_gemma).
+
+Encoder and decoder share every weight except the per-layer `layer_scalar`, so the
+layers live once, under `model.decoder.layers`; the encoder holds only its scalars.
+Parameter paths are the checkpoint names, so `tree_flatten(model.parameters())`
+lists exactly the keys of a converted checkpoint.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+import numpy as np
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softcap
+from mlx_lm.models.rope_utils import initialize_rope
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+MODEL_TYPE = "diffusion_gemma"
+
+_REQUIRED_TEXT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "num_experts",
+    "top_k_experts",
+    "moe_intermediate_size",
+)
+
+_DEFAULT_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {
+        "rope_type": "proportional",
+        "partial_rotary_factor": 0.25,
+        "rope_theta": 1_000_000.0,
+    },
+}
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    model_type: str = MODEL_TYPE
+    layer_types: Optional[List[str]] = None
+    # Per-layer attention overrides ({layer index: {"head_dim", "num_key_value_heads"}}),
+    # filled from either config form in `from_dict`.
+    per_layer_config: Dict[int, Dict[str, int]] = field(default_factory=dict)
+    rope_parameters: Optional[Dict[str, Dict[str, Any]]] = None
+    sliding_window: int = 512
+    rms_norm_eps: float = 1e-6
+    final_logit_softcapping: float = 30.0
+    attention_bias: bool = False
+    hidden_activation: str = "gelu_pytorch_tanh"
+    use_bidirectional_attention: Optional[str] = None
+    max_position_embeddings: int = 131_072
+    canvas_length: int = 256
+    pad_token_id: int = 0
+    bos_token_id: int = 2
+    eos_token_id: Any = 1
+
+    def __post_init__(self):
+        if self.layer_types is None:  # the reference's 5 sliding : 1 full pattern
+            self.layer_types = [
+                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries but "
+                f"num_hidden_layers is {self.num_hidden_layers}"
+            )
+        self.layer_types[-1] = "full_attention"  # the reference forces this too
+        unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
+        if unknown:
+            raise ValueError(f"unknown layer type(s) in layer_types: {sorted(unknown)}")
+        rope = dict(_DEFAULT_ROPE)
+        rope.update(self.rope_parameters or {})
+        self.rope_parameters = rope
+        self.per_layer_config = {int(k): dict(v) for k, v in self.per_layer_config.items()}
+        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(
+                f"hidden_activation {self.hidden_activation!r} is not supported "
+                "(DiffusionGemma uses 'gelu_pytorch_tanh')"
+            )
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelArgs":
+        """Build from a config.json dict (nested `text_config`, or a flat text config).
+
+        Null values mean unset. Full-attention overrides may be given as
+        `per_layer_config` or, in older files, as `global_head_dim` /
+        `num_global_key_value_heads`.
+        """
+        text = params.get("text_config", params)
+        if not isinstance(text, dict):
+            raise ValueError("config.json: 'text_config' must be an object")
+        text = {k: v for k, v in text.items() if v is not None}
+        missing = [name for name in _REQUIRED_TEXT_FIELDS if name not in text]
+        if missing:
+            raise ValueError(f"config.json: text_config is missing required field(s): {', '.join(missing)}")
+        fields = {k: v for k, v in text.items() if k in cls.__dataclass_fields__}
+        fields["model_type"] = params.get("model_type", MODEL_TYPE)
+        if params.get("canvas_length") is not None:
+            fields["canvas_length"] = params["canvas_length"]
+        if text.get("use_bidirectional_attention") == "all":
+            # The reference stores the window for an exclusive-bounds kernel.
+            fields["sliding_window"] = text.get("sliding_window", 512) // 2 + 1
+        args = cls(**fields)
+        if "per_layer_config" not in text:
+            override = {"head_dim": text.get("global_head_dim", 512)}
+            if text.get("num_global_key_value_heads") is not None:
+                override["num_key_value_heads"] = text["num_global_key_value_heads"]
+            args.per_layer_config = {
+                i: dict(override)
+                for i, kind in enumerate(args.layer_types)
+                if kind == "full_attention"
+            }
+        return args
+
+    def attention_shape(self, layer_idx: int):
+        """(head_dim, num_key_value_heads) of one layer, overrides applied."""
+        override = self.per_layer_config.get(layer_idx, {})
+        return (
+            override.get("head_dim", self.head_dim),
+            override.get("num_key_value_heads", self.num_key_value_heads),
+        )
+
+
+def _context(cache, keys: bool) -> Optional[mx.array]:
+    """The cached keys (or values) the decoder sees, in temporal order.
+
+    A sliding layer keeps the last `window - 1` context tokens, as the
+    reference's sliding cache does; a full layer keeps them all.
+    """
+    if cache.keys is None:
+        return None
+    v = cache.keys if keys else cache.values
+    if isinstance(cache, RotatingKVCache):
+        v = cache._temporal_order(v)
+        return v[..., -min(cache.max_size - 1, cache.offset) :, :]
+    return v[..., : cache.offset, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.is_sliding = args.layer_types[layer_idx] == "sliding_attention"
+        self.head_dim, self.n_kv_heads = args.attention_shape(layer_idx)
+        self.n_heads = args.num_attention_heads
+        dim, bias = args.hidden_size, args.attention_bias
+
+        self.q_proj = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        if self.is_sliding:  # full layers use the raw k_proj output as values
+            self.v_proj = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
+        self.v_norm = RMSNormNoScale(self.head_dim, eps=args.rms_norm_eps)
+
+        rope = args.rope_parameters["sliding_attention" if self.is_sliding else "full_attention"]
+        self.rope = initialize_rope(
+            dims=self.head_dim,
+            traditional=False,
+            base=rope["rope_theta"],
+            scaling_config=rope,
+            max_position_embeddings=args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, cache, mask, commit: bool) -> mx.array:
+        """`commit=True` appends this chunk to the cache (encoder); otherwise the
+        chunk attends to the cached context plus itself and the cache is untouched."""
+        B, L, _ = x.shape
+        offset = cache.offset
+        q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        k_raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k_raw
+
+        q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
+        k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset=offset)
+        v = self.v_norm(v).transpose(0, 2, 1, 3)
+
+        if commit:
+            k, v = cache.update_and_fetch(k, v)
+        else:
+            past_k = _context(cache, keys=True)
+            if past_k is not None:
+                k = mx.concatenate([past_k, k], axis=2)
+                v = mx.concatenate([_context(cache, keys=False), v], axis=2)
+
+        out = scaled_dot_product_attention(q, k, v, cache=None, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """Dense GeGLU feed-forward (also the shape of the self-conditioning block)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class Experts(nn.Module):
+    """Mixture of experts on SwitchLinear, keeping the checkpoint's fused
+    `gate_up_proj` ([E, 2I, H], gate rows first) so names match mlx-community repos."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        H, I, E = args.hidden_size, args.moe_intermediate_size, args.num_experts
+        self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
+        self.down_proj = SwitchLinear(I, H, E, bias=False)
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        x = mx.expand_dims(x, (-2, -3))
+        indices = mx.stop_gradient(indices)
+        do_sort = indices.size >= 64  # sorted expert access pays off past a few tokens
+        idx, inv_order = indices, None
+        if do_sort:
+            x, idx, inv_order = _gather_sort(x, indices)
+        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
+        y = self.down_proj(geglu(gate, up), idx, sorted_indices=do_sort)
+        if do_sort:
+            y = _scatter_unsort(y, inv_order, indices.shape)
+        return (y.squeeze(-2) * mx.expand_dims(weights, -1)).sum(-2)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        dim, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = MLP(dim, args.intermediate_size)
+        self.router = Router(args)
+        self.experts = Experts(args)
+        self.input_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(dim, eps=eps)
+        self.pre_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm_1 = nn.RMSNorm(dim, eps=eps)
+        self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, cache, mask, commit: bool, layer_scalar: mx.array) -> mx.array:
+        h = x + self.post_attention_layernorm(
+            self.self_attn(self.input_layernorm(x), cache, mask, commit)
+        )
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        indices, weights = self.router(h)  # the router reads the raw residual
+        sparse = self.post_feedforward_layernorm_2(
+            self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
+        )
+        return (h + self.post_feedforward_layernorm(dense + sparse)) * layer_scalar
+
+
+class SelfConditioning(nn.Module):
+    """Adds the previous step's soft prediction to the canvas embeddings."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim = args.hidden_size
+        self.pre_norm = nn.RMSNorm(dim, eps=args.rms_norm_eps)
+        self.gate_proj = nn.Linear(dim, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(dim, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, dim, bias=False)
+        self.post_norm = RMSNormNoScale(dim, eps=args.rms_norm_eps)
+
+    def __call__(self, embeddings: mx.array, soft_embeddings: Optional[mx.array]) -> mx.array:
+        # Without a previous prediction the block adds exactly zero (gelu(0) * 0).
+        if soft_embeddings is not None:
+            s = self.pre_norm(soft_embeddings)
+            embeddings = embeddings + self.down_proj(geglu(self.gate_proj(s), self.up_proj(s)))
+        return self.post_norm(embeddings)
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerLayer(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(args)
+
+
+class EncoderLayer(nn.Module):
+    """The encoder's own share of a layer: everything else is the decoder's."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_scalar = mx.ones((1,))
+
+
+class EncoderLanguageModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = [EncoderLayer() for _ in range(args.num_hidden_layers)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.language_model = EncoderLanguageModel(args)
+
+
+class DiffusionGemmaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.encoder = Encoder(args)
+        self.decoder = Decoder(args)
+
+
+def _token_batch(ids) -> mx.array:
+    """Token ids (list, numpy or mx array; [L] or [B, L]) as an mx array [B, L]."""
+    ids = ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
+    return ids[None] if ids.ndim == 1 else ids
+
+
+def soft_embed(embedding: nn.Module, probs: mx.array) -> mx.array:
+    """probs @ embedding table, for plain and quantized embeddings alike."""
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(
+            probs,
+            embedding.weight,
+            embedding.scales,
+            embedding.get("biases"),
+            transpose=False,
+            group_size=embedding.group_size,
+            bits=embedding.bits,
+            mode=embedding.mode,
+        )
+    return probs @ embedding.weight
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DiffusionGemmaModel(args)
+
+    @property
+    def layers(self):
+        return self.model.decoder.layers
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The activation dtype (norm weights are never quantized)."""
+        return self.model.decoder.norm.weight.dtype
+
+    def make_cache(self) -> list:
+        return [
+            RotatingKVCache(max_size=self.args.sliding_window)
+            if kind == "sliding_attention"
+            else KVCache()
+            for kind in self.args.layer_types
+        ]
+
+    def _embed(self, ids: mx.array) -> mx.array:
+        h = self.model.decoder.embed_tokens(ids)
+        # The reference casts sqrt(hidden) to the weight dtype (53.07 -> 53.0 in bf16).
+        return h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
+
+    def encode(self, token_ids, cache: list, chunk_size: int = 512) -> None:
+        """Append tokens (a prompt, or a committed canvas) to the cache.
+
+        Long inputs run in chunks of `chunk_size`, evaluating the cache after
+        each, so memory stays bounded by the chunk, not the prompt.
+        """
+        ids = _token_batch(token_ids)
+        for start in range(0, ids.shape[1], chunk_size):
+            self._encode_chunk(ids[:, start : start + chunk_size], cache)
+            mx.eval([c.state for c in cache])
+
+    def _encode_chunk(self, ids: mx.array, cache: list) -> None:
+        h = self._embed(ids)
+        L = ids.shape[1]
+        window = self.args.sliding_window
+        scalars = self.model.encoder.language_model.layers
+        for layer, scalar, c, kind in zip(self.layers, scalars, cache, self.args.layer_types):
+            sliding = kind == "sliding_attention"
+            mask = c.make_mask(L, return_array=False, window_size=window if sliding else None)
+            h = layer(h, c, mask, commit=True, layer_scalar=scalar.layer_scalar)
+        # The encoder's final norm and head feed nothing: the cache is its output.
+
+    def decode(self, canvas_ids, cache: list, self_conditioning_logits: Optional[mx.array] = None) -> mx.array:
+        """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
+
+        The canvas attends to the whole cached context and to itself in both
+        directions; the cache is never changed.
+        """
+        decoder = self.model.decoder
+        ids = _token_batch(canvas_ids)
+        h = self._embed(ids)
+        soft = None
+        if self_conditioning_logits is not None:
+            probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+            soft = soft_embed(decoder.embed_tokens, probs.astype(h.dtype))
+            soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
+        h = decoder.self_conditioning(h, soft)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, c, None, commit=False, layer_scalar=layer.layer_scalar)
+        h = decoder.norm(h)
+        logits = decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        return logit_softcap(self.args.final_logit_softcapping, logits)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Map Hugging Face names onto this module tree.
+
+        Drops the vision tower (text only), the tied lm_head and any tied encoder
+        copies; gives the 3-D expert tensors their `.weight` suffix.
+        """
+        out = {}
+        for key, value in weights.items():
+            if key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.", "lm_head.")):
+                continue
+            if key.startswith("model.encoder.language_model.") and not key.endswith(".layer_scalar"):
+                continue  # tied to the decoder's copy
+            if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                key += ".weight"
+            out[key] = value
+        return out

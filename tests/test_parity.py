@@ -1,0 +1,109 @@
+"""Our model against the transformers reference, stage by stage, on the same inputs.
+
+The prompt is longer than the sliding window (8), so sliding layers see only the
+last window - 1 cached tokens while full layers see everything.
+"""
+
+import numpy as np
+import mlx.core as mx
+import pytest
+from reference import ReferenceRunner, build_reference, save_reference
+
+from mlx_diffusiongemma import load_model
+
+TOLERANCE = 1e-4
+VOCAB = 320
+CANVAS = 12
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_reference(seed=0)
+
+
+@pytest.fixture(scope="module", params=["per_layer_config", "global_head_dim"])
+def pair(request, reference, tmp_path_factory):
+    """(reference runner, our model) from one checkpoint, in each config form."""
+    path = save_reference(
+        reference, tmp_path_factory.mktemp(request.param), global_head_dim_form=request.param == "global_head_dim"
+    )
+    return reference, load_model(path)
+
+
+def _close(ref_logits, our_logits, stage):
+    ours = np.array(our_logits)
+    diff = float(np.abs(ref_logits - ours).max())
+    print(f"{stage}: max |logit difference| = {diff:.3g}")
+    assert ours.dtype == np.float32 and ours.shape == ref_logits.shape
+    assert diff <= TOLERANCE, f"{stage}: {diff}"
+    assert (ref_logits.argmax(-1) == ours.argmax(-1)).all(), stage
+
+
+def test_every_stage_matches_reference(pair):
+    reference, model = pair
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, VOCAB, 21).tolist()
+    canvas = rng.integers(0, VOCAB, CANVAS).tolist()
+
+    ref = ReferenceRunner(reference)
+    ref.encode(prompt)
+    cache = model.make_cache()
+    model.encode(prompt, cache, chunk_size=5)  # chunks, and a final chunk of one token
+
+    # 1. prefill, then decode without self-conditioning
+    ref_logits = ref.decode(canvas)
+    _close(ref_logits, model.decode(canvas, cache), "decode")
+
+    # 2. self-conditioned decode, both fed the same logits (teacher-forced)
+    sc = ref_logits
+    ref_sc = ref.decode(canvas, self_conditioning_logits=sc)
+    _close(ref_sc, model.decode(canvas, cache, self_conditioning_logits=mx.array(sc)), "self-conditioned decode")
+
+    # 3. commit the canvas, then decode the next one
+    ref.encode(canvas)
+    model.encode(canvas, cache)
+    next_canvas = rng.integers(0, VOCAB, CANVAS).tolist()
+    _close(ref.decode(next_canvas), model.decode(next_canvas, cache), "decode after commit")
+
+
+def test_decode_leaves_cache_untouched(pair):
+    _, model = pair
+    cache = model.make_cache()
+    model.encode(list(range(3, 23)), cache)
+    before = [(c.offset, np.array(c.state[0]).copy()) for c in cache]
+    first = np.array(model.decode(list(range(CANVAS)), cache))
+    second = np.array(model.decode(list(range(CANVAS)), cache))
+    assert [c.offset for c in cache] == [offset for offset, _ in before]
+    for c, (_, keys) in zip(cache, before):
+        np.testing.assert_array_equal(np.array(c.state[0]), keys)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_chunking_does_not_change_the_cache(pair):
+    _, model = pair
+    prompt = list(np.random.default_rng(2).integers(0, VOCAB, 30))
+    logits = []
+    for chunk in (4, 7, 512):
+        cache = model.make_cache()
+        model.encode(prompt, cache, chunk_size=chunk)
+        logits.append(np.array(model.decode(list(range(CANVAS)), cache)))
+    np.testing.assert_allclose(logits[0], logits[2], atol=1e-5)
+    np.testing.assert_allclose(logits[1], logits[2], atol=1e-5)
+
+
+def test_layer_scalars_are_separate_and_weights_shared(pair):
+    _, model = pair
+    decoder = model.model.decoder.layers
+    encoder = model.model.encoder.language_model.layers
+    assert all(float(d.layer_scalar[0]) != float(e.layer_scalar[0]) for d, e in zip(decoder, encoder))
+    # the encoder owns nothing but its scalars: no second copy of any weight
+    assert all(set(e.parameters()) == {"layer_scalar"} for e in encoder)
+
+
+def test_fixture_perturbs_every_parameter_and_buffer(reference):
+    import torch
+
+    fresh = build_reference(seed=0, perturb=False)
+    fresh_state = fresh.state_dict()
+    for name, value in reference.state_dict().items():
+        assert not torch.equal(value, fresh_state[name]), f"{name} was left at its initial value"

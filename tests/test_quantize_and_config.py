@@ -1,0 +1,141 @@
+"""Quantization with the mlx-community recipe, save/reload round trips, and the
+real 26B configuration built without materializing a single weight."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from reference import build_reference, save_reference
+
+from mlx_diffusiongemma import Model, ModelArgs, load_model, quantize, save_model
+
+REAL_CONFIG = {
+    "model_type": "diffusion_gemma",
+    "canvas_length": 256,
+    "text_config": {
+        "model_type": "diffusion_gemma_text",
+        "hidden_size": 2816,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 256,
+        "per_layer_config": {str(i): {"head_dim": 512, "num_key_value_heads": 2} for i in (5, 11, 17, 23, 29)},
+        "sliding_window": 1024,
+        "intermediate_size": 2112,
+        "num_experts": 128,
+        "top_k_experts": 8,
+        "moe_intermediate_size": 704,
+        "vocab_size": 262144,
+        "rms_norm_eps": 1e-6,
+        "final_logit_softcapping": 30.0,
+        "use_bidirectional_attention": "vision",
+        "layer_types": None,
+        "rope_parameters": None,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_reference(build_reference(seed=3), tmp_path_factory.mktemp("hf"))
+
+
+def _logits(model, prompt, canvas):
+    cache = model.make_cache()
+    model.encode(prompt, cache)
+    first = model.decode(canvas, cache)
+    return np.array(first), np.array(model.decode(canvas, cache, self_conditioning_logits=first))
+
+
+@pytest.mark.parametrize("bits,mode", [(4, "affine"), (8, "affine"), (4, "mxfp4"), (4, "nvfp4")])
+def test_quantized_round_trip(checkpoint, tmp_path, bits, mode):
+    model = load_model(checkpoint)
+    entries = quantize(model, bits=bits, mode=mode)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["quantization"] = entries
+    out = save_model(model, tmp_path / "quantized", config)
+
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["quantization"] == saved["quantization_config"] == entries
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(dict(tree_flatten(model.parameters())))
+
+    reloaded = load_model(out)
+    rng = np.random.default_rng(0)
+    prompt, canvas = rng.integers(0, 320, 19).tolist(), rng.integers(0, 320, 12).tolist()
+    for before, after in zip(_logits(model, prompt, canvas), _logits(reloaded, prompt, canvas)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_recipe_bits_per_module(checkpoint):
+    model = load_model(checkpoint)
+    entries = quantize(model, bits=4)
+    modules = dict(model.named_modules())
+    layer = "model.decoder.layers.1"
+    for path in ("model.decoder.embed_tokens", f"{layer}.self_attn.q_proj", f"{layer}.mlp.down_proj", f"{layer}.router.proj"):
+        assert modules[path].bits == 8 and modules[path].group_size == 64, path
+        assert entries[path] == {"group_size": 64, "bits": 8}
+    for path in (f"{layer}.experts.gate_up_proj", f"{layer}.experts.down_proj", "model.decoder.self_conditioning.up_proj"):
+        assert modules[path].bits == 4 and path not in entries, path
+    assert {"group_size": 64, "bits": 4, "mode": "affine"}.items() <= entries.items()
+    assert not isinstance(modules["model.decoder.norm"], nn.QuantizedLinear)
+    params = dict(tree_flatten(model.parameters()))
+    assert params[f"{layer}.layer_scalar"].dtype == mx.float32
+    assert params[f"{layer}.router.scale"].dtype == mx.float32
+
+
+def test_real_configuration_shapes_and_size():
+    model = Model(ModelArgs.from_dict(REAL_CONFIG))  # lazy: no weight is ever evaluated
+    params = dict(tree_flatten(model.parameters()))
+    total = sum(v.size for v in params.values())
+    assert abs(total - 25.25e9) < 0.05e9, total
+    assert "model.decoder.layers.5.self_attn.v_proj.weight" not in params  # full layers: values = keys
+    assert params["model.decoder.layers.5.self_attn.k_proj.weight"].shape == (2 * 512, 2816)
+    assert params["model.decoder.layers.4.self_attn.v_proj.weight"].shape == (8 * 256, 2816)
+    assert [i for i, t in enumerate(model.args.layer_types) if t == "full_attention"] == [5, 11, 17, 23, 29]
+
+    quantize(model, bits=4)
+    params = dict(tree_flatten(model.parameters()))
+    expected = {
+        "model.decoder.layers.0.experts.gate_up_proj.weight": ((128, 1408, 352), mx.uint32),
+        "model.decoder.layers.0.experts.gate_up_proj.scales": ((128, 1408, 44), mx.float32),
+        "model.decoder.layers.0.experts.down_proj.weight": ((128, 2816, 88), mx.uint32),
+        "model.decoder.embed_tokens.weight": ((262144, 704), mx.uint32),
+        "model.decoder.layers.0.router.proj.weight": ((128, 704), mx.uint32),
+        "model.decoder.layers.29.self_attn.q_proj.weight": ((16 * 512, 704), mx.uint32),
+        "model.decoder.self_conditioning.gate_proj.weight": ((2112, 352), mx.uint32),
+        "model.decoder.layers.0.router.per_expert_scale": ((128,), mx.float32),
+        "model.encoder.language_model.layers.0.layer_scalar": ((1,), mx.float32),
+    }
+    for key, (shape, dtype) in expected.items():
+        assert (params[key].shape, params[key].dtype) == (shape, dtype), key
+
+
+def test_config_forms_and_defaults():
+    text = dict(REAL_CONFIG["text_config"])
+    overrides = text.pop("per_layer_config")["5"]
+    legacy = ModelArgs.from_dict(
+        {**REAL_CONFIG, "text_config": {**text, "global_head_dim": 512, "num_global_key_value_heads": 2}}
+    )
+    modern = ModelArgs.from_dict(REAL_CONFIG)
+    for i in range(30):
+        assert legacy.attention_shape(i) == modern.attention_shape(i)
+    assert modern.attention_shape(5) == (overrides["head_dim"], overrides["num_key_value_heads"])
+    assert modern.attention_shape(4) == (256, 8)
+    assert modern.canvas_length == 256 and modern.sliding_window == 1024
+    assert modern.rope_parameters["full_attention"]["rope_type"] == "proportional"
+
+    halved = ModelArgs.from_dict({**REAL_CONFIG, "text_config": {**REAL_CONFIG["text_config"], "use_bidirectional_attention": "all"}})
+    assert halved.sliding_window == 1024 // 2 + 1
+
+
+@pytest.mark.parametrize("field", ["hidden_size", "num_experts", "vocab_size"])
+def test_missing_required_field_is_named(field):
+    text = {k: v for k, v in REAL_CONFIG["text_config"].items() if k != field}
+    with pytest.raises(ValueError, match=field):
+        ModelArgs.from_dict({**REAL_CONFIG, "text_config": text})
+    with pytest.raises(ValueError, match=field):  # null means unset
+        ModelArgs.from_dict({**REAL_CONFIG, "text_config": {**text, field: None}})
