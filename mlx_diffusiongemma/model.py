@@ -111,11 +111,11 @@ class ModelArgs(BaseModelArgs):
         """
         text = params.get("text_config", params)
         if not isinstance(text, dict):
-            raise ValueError("config.json: 'text_config' must be an object")
+            raise ValueError("'text_config' must be an object")
         text = {k: v for k, v in text.items() if v is not None}
         missing = [name for name in _REQUIRED_TEXT_FIELDS if name not in text]
         if missing:
-            raise ValueError(f"config.json: text_config is missing required field(s): {', '.join(missing)}")
+            raise ValueError(f"text_config is missing required field(s): {', '.join(missing)}")
         fields = {k: v for k, v in text.items() if k in cls.__dataclass_fields__}
         fields["model_type"] = params.get("model_type", MODEL_TYPE)
         if params.get("canvas_length") is not None:
