@@ -1,0 +1,83 @@
+"""Each sampler piece against the reference's own function on random inputs."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
+    EntropyBoundSampler,
+    EntropyBoundSamplerConfig,
+    LinearTemperatureScheduleLogitsProcessor,
+    StableAndConfidentStoppingCriteria,
+)
+
+from mlx_diffusiongemma.sampling import (
+    StableAndConfidentStopping,
+    entropy,
+    entropy_bound_accept,
+    linear_temperature,
+    renoise,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def _logits(batch=2, canvas=16, vocab=50, scale=4.0):
+    return (RNG.standard_normal((batch, canvas, vocab)) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("steps,t_min,t_max", [(48, 0.4, 0.8), (7, 0.1, 1.3), (1, 0.0, 0.5)])
+def test_temperature_schedule_matches_reference(steps, t_min, t_max):
+    processor = LinearTemperatureScheduleLogitsProcessor(t_min, t_max, steps)
+    logits = _logits()
+    for cur_step in range(steps, 0, -1):
+        # the reference loop passes cur_step as an int32 tensor
+        expected = processor(None, torch.tensor(logits), torch.tensor(cur_step, dtype=torch.int32)).numpy()
+        ours = np.array(mx.array(logits) / linear_temperature(cur_step, steps, t_min, t_max))
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_entropy_matches_reference():
+    logits = _logits(scale=8.0)
+    expected = torch.distributions.Categorical(logits=torch.tensor(logits)).entropy().numpy()
+    np.testing.assert_allclose(np.array(entropy(mx.array(logits))), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bound", [0.1, 1.0, 25.0])
+def test_entropy_bound_acceptance_and_renoise_match_reference(bound):
+    # sharp, well-separated entropies: no ties at the acceptance boundary
+    logits = _logits(scale=12.0)
+    current = RNG.integers(0, 50, (2, 16))
+    denoised = RNG.integers(0, 50, (2, 16))
+    fresh = RNG.integers(0, 50, (2, 16))
+
+    sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 16, 50, 48)
+    expected = sampler.accept_canvas(torch.tensor(current), torch.tensor(denoised), torch.tensor(logits), 1)
+    canvas, accepted = entropy_bound_accept(mx.array(current), mx.array(denoised), mx.array(logits), bound)
+    np.testing.assert_array_equal(np.array(canvas), expected.numpy())
+    np.testing.assert_array_equal(np.array(accepted), sampler.accepted_token_mask.numpy())
+    assert 0 < int(np.array(accepted).sum()) <= 32
+
+    sampler.initialize_canvas = lambda batch_size, device: torch.tensor(fresh)
+    expected_next = sampler.renoise_canvas(expected, 1)
+    np.testing.assert_array_equal(np.array(renoise(canvas, accepted, mx.array(fresh))), expected_next.numpy())
+
+
+@pytest.mark.parametrize("stability,confidence", [(0, 10.0), (1, 10.0), (2, 10.0), (1, 0.005)])
+def test_stopping_matches_reference(stability, confidence):
+    reference = StableAndConfidentStoppingCriteria(stability, confidence)
+    ours = StableAndConfidentStopping(stability, confidence)
+    logits = _logits(scale=6.0)
+    argmaxes = [RNG.integers(0, 50, (2, 16)) for _ in range(2)]
+    # a run: change, repeat, repeat, change, repeat (batch rows diverge at step 3)
+    sequence = [argmaxes[0], argmaxes[0], argmaxes[0], np.stack([argmaxes[0][0], argmaxes[1][1]]), argmaxes[1]]
+    decisions = []
+    for argmax in sequence:
+        expected = reference(torch.tensor(argmax), torch.tensor(logits)).numpy()
+        got = np.array(ours(mx.array(argmax), mx.array(logits)))
+        np.testing.assert_array_equal(got, expected)
+        decisions.append(got.tolist())
+    if confidence > 1 and stability:
+        assert [True, True] in decisions and [False, False] in decisions  # both outcomes exercised
+    ours.reset()
+    assert ours.history is None
