@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from types import MappingProxyType
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -190,16 +191,26 @@ def load_model(path_or_repo: Union[str, Path], dtype=None) -> Model:
     check_weights(model, weights, path)
     model.update(tree_unflatten(list(weights.items())))
     _cast_for_cpu_experts(model)
+    model.generation_config = MappingProxyType(load_generation_config(path))
     mx.eval(model.parameters())
     model.eval()
     return model
 
 
+def load_generation_config(path: Path) -> dict:
+    """generation_config.json's settings (nulls mean unset), or {} without one."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    return {k: v for k, v in config.items() if v is not None}
+
+
 def _eos_token_ids(path: Path, config: dict) -> list:
-    generation_config = path / "generation_config.json"
-    eos = None
-    if generation_config.is_file():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+    eos = load_generation_config(path).get("eos_token_id")
     if eos is None:
         eos = config.get("text_config", {}).get("eos_token_id", 1)
     return [eos] if isinstance(eos, int) else list(eos)

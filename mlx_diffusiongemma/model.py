@@ -10,6 +10,7 @@ lists exactly the keys of a converted checkpoint.
 
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
@@ -360,6 +361,9 @@ class Model(nn.Module):
         self.args = args
         self.model_type = args.model_type
         self.model = DiffusionGemmaModel(args)
+        # generation_config.json's settings, set by `load_model`; read-only
+        # (and not a dict, which nn.Module would take for a child)
+        self.generation_config = MappingProxyType({})
 
     @property
     def layers(self):

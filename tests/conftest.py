@@ -1,4 +1,26 @@
+import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests import the reference helpers
+
+import torch  # noqa: E402
+
+# The reference runs tiny models: one thread is faster, and makes its float32
+# reductions (and so its recorded generations) the same from run to run.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory):
+    """A random reference checkpoint with the toy tokenizer, chat template and generation config."""
+    from reference import build_reference, save_reference
+
+    from mlx_diffusiongemma.toy import write_tokenizer
+
+    path = save_reference(build_reference(seed=3), tmp_path_factory.mktemp("chat"))
+    write_tokenizer(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4], "pad_token_id": 0}))
+    return path

@@ -12,9 +12,11 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 )
 
 from mlx_diffusiongemma.sampling import (
+    ConfidenceAcceptance,
+    EntropyBoundAcceptance,
+    Randomness,
     StableAndConfidentStopping,
     entropy,
-    entropy_bound_accept,
     linear_temperature,
     renoise,
 )
@@ -53,7 +55,8 @@ def test_entropy_bound_acceptance_and_renoise_match_reference(bound):
 
     sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 16, 50, 48)
     expected = sampler.accept_canvas(torch.tensor(current), torch.tensor(denoised), torch.tensor(logits), 1)
-    canvas, accepted = entropy_bound_accept(mx.array(current), mx.array(denoised), mx.array(logits), bound)
+    logits_mx = mx.array(logits)
+    canvas, accepted = EntropyBoundAcceptance(bound)(mx.array(current), mx.array(denoised), logits_mx, entropy(logits_mx))
     np.testing.assert_array_equal(np.array(canvas), expected.numpy())
     np.testing.assert_array_equal(np.array(accepted), sampler.accepted_token_mask.numpy())
     assert 0 < int(np.array(accepted).sum()) <= 32
@@ -74,10 +77,52 @@ def test_stopping_matches_reference(stability, confidence):
     decisions = []
     for argmax in sequence:
         expected = reference(torch.tensor(argmax), torch.tensor(logits)).numpy()
-        got = np.array(ours(mx.array(argmax), mx.array(logits)))
+        got = np.array(ours(mx.array(argmax), entropy(mx.array(logits))))
         np.testing.assert_array_equal(got, expected)
         decisions.append(got.tolist())
     if confidence > 1 and stability:
         assert [True, True] in decisions and [False, False] in decisions  # both outcomes exercised
     ours.reset()
     assert ours.history is None
+
+
+def test_confidence_acceptance_freezes_and_accepts_at_least_one():
+    logits = _logits(batch=1, canvas=8, vocab=20, scale=3.0)
+    logits[0, 2, 5] = 40.0  # position 2 is certain of token 5
+    acceptance = ConfidenceAcceptance(min_confidence=0.99)
+    current = mx.zeros((1, 8), mx.int32)
+    denoised = mx.array(RNG.integers(0, 20, (1, 8)), dtype=mx.int32)
+    denoised[0, 2] = 5
+    canvas, kept = acceptance(current, denoised, mx.array(logits), None)
+    assert np.array(kept)[0].tolist() == [i == 2 for i in range(8)]
+    assert int(canvas[0, 2]) == 5 and int(np.array(canvas).sum()) == 5
+
+    # nothing is confident now: exactly one more position (the most probable draw) joins
+    flat = _logits(batch=1, canvas=8, vocab=20, scale=0.1)
+    probs = np.exp(flat) / np.exp(flat).sum(-1, keepdims=True)
+    redraw = mx.array(RNG.integers(0, 20, (1, 8)), dtype=mx.int32)
+    drawn = probs[0, np.arange(8), np.array(redraw)[0]]
+    drawn[2] = -1.0
+    canvas, kept = acceptance(canvas, redraw, mx.array(flat), None)
+    assert np.array(kept)[0].sum() == 2 and bool(kept[0, int(drawn.argmax())])
+    assert int(canvas[0, 2]) == 5  # frozen: the new draw at position 2 is ignored
+    acceptance.reset()
+    assert acceptance.frozen is None
+
+
+def test_randomness_seeded_and_global():
+    a, b = Randomness(seed=3), Randomness(seed=3)
+    logits = mx.array(_logits(batch=1, canvas=6, vocab=30))
+    for _ in range(2):
+        assert np.array_equal(np.array(a.uniform_ids((1, 6), 30)), np.array(b.uniform_ids((1, 6), 30)))
+        assert np.array_equal(np.array(a.categorical(logits)), np.array(b.categorical(logits)))
+    ids = np.array(Randomness(seed=4).uniform_ids((1, 400), 30))
+    assert ids.min() >= 0 and ids.max() < 30 and len(set(ids.ravel())) == 30
+
+    draws = []
+    for _ in range(2):
+        mx.random.seed(11)
+        r = Randomness()
+        draws.append((np.array(r.uniform_ids((1, 6), 30)), np.array(r.categorical(logits))))
+    assert all(np.array_equal(x, y) for x, y in zip(*draws))
+    assert not np.array_equal(draws[0][0], np.array(Randomness().uniform_ids((1, 6), 30)))

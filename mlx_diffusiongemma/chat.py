@@ -1,0 +1,53 @@
+"""Chat format: prompts rendered with the checkpoint's own template, answers
+split from the thought channel.
+
+Public copies of the Gemma 4 template disagree on what "thinking off" renders,
+so the checkpoint's template (jinja2, through the tokenizer) is the only source.
+"""
+
+from typing import Optional
+
+
+def render_prompt(
+    tokenizer,
+    prompt: str,
+    system_prompt: Optional[str] = None,
+    enable_thinking: bool = False,
+    use_chat_template: bool = True,
+) -> list:
+    """Token ids of a user message, rendered with the chat template when the
+    tokenizer has one and `use_chat_template` is set, else encoded raw."""
+    if tokenizer is None:
+        raise ValueError("a text prompt needs a tokenizer; pass token ids to generate without one")
+    if use_chat_template and tokenizer.chat_template is not None:
+        messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
+        messages.append({"role": "user", "content": prompt})
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt)
+
+
+def split_thinking(tokenizer, tokens: list) -> tuple[str, str]:
+    """(thinking, answer) of generated tokens.
+
+    The model writes `<|channel>thought\\n...<channel|>` before the answer when
+    thinking is on. Uses mlx-lm's TokenizerWrapper markers; an unclosed channel
+    is all thinking.
+    """
+    start, end = -1, -1
+    if getattr(tokenizer, "has_thinking", False):
+        start = tokenizer.find_think_start(tokens)
+        end = tokenizer.find_think_end(tokens, start=max(start, 0))
+    if start < 0 and end < 0:
+        return "", _decode(tokenizer, tokens)
+    begin = start + len(tokenizer.think_start_tokens) if start >= 0 else 0
+    if end < 0:
+        return _decode(tokenizer, tokens[begin:]).strip(), ""
+    answer = tokens[: max(start, 0)] + tokens[end + len(tokenizer.think_end_tokens) :]
+    return _decode(tokenizer, tokens[begin:end]).strip(), _decode(tokenizer, answer)
+
+
+def _decode(tokenizer, tokens: list) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True)

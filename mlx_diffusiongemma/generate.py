@@ -1,0 +1,421 @@
+"""Block-diffusion generation: the reference sampler loop, streaming events,
+and the `python -m mlx_diffusiongemma.generate` command.
+
+The default is transformers' `DiffusionGemmaGenerationMixin.generate`, step for
+step and draw for draw; faster paths must never change what it produces.
+"""
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from typing import Iterator, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+
+from .chat import render_prompt, split_thinking
+from .load import load
+from .sampling import (
+    ConfidenceAcceptance,
+    EntropyBoundAcceptance,
+    Randomness,
+    StableAndConfidentStopping,
+    entropy,
+    linear_temperature,
+    renoise,
+)
+
+ACCEPTANCE = {"entropy_bound": EntropyBoundAcceptance, "confidence": ConfidenceAcceptance}
+
+
+@dataclass(frozen=True)
+class DiffusionOptions:
+    """Sampler settings. Defaults are the reference's; a checkpoint's
+    generation_config.json overrides them, and keyword arguments override both."""
+
+    max_tokens: int = 256
+    max_denoising_steps: int = 48
+    t_min: float = 0.4
+    t_max: float = 0.8
+    entropy_bound: float = 0.1
+    stability_threshold: int = 1
+    confidence_threshold: float = 0.005
+    eos_token_id: tuple = ()  # empty: generate whole canvases until max_tokens
+    pad_token_id: Optional[int] = None  # None: tokens_per_forward counts every generated token
+    acceptance: str = "entropy_bound"  # or "confidence"
+    min_confidence: float = 0.9  # for acceptance="confidence"
+
+    @classmethod
+    def resolve(cls, model, tokenizer, overrides: dict) -> "DiffusionOptions":
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(unknown)}")
+        values = _from_generation_config(getattr(model, "generation_config", {}))
+        if "eos_token_id" not in values and tokenizer is not None:
+            values["eos_token_id"] = sorted(tokenizer.eos_token_ids)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        eos = values.get("eos_token_id", ())
+        values["eos_token_id"] = tuple([eos] if isinstance(eos, (int, np.integer)) else eos)
+        options = cls(**values)
+        options.validate(model.args.vocab_size)
+        return options
+
+    def validate(self, vocab_size: int) -> None:
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        def number(name, positive):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+                raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+        integer("max_tokens", 1)
+        integer("max_denoising_steps", 1)
+        integer("stability_threshold", 0)
+        number("t_min", positive=False)
+        number("t_max", positive=False)
+        if self.t_max <= self.t_min:
+            raise ValueError(f"t_max must be greater than t_min, got t_max={self.t_max} and t_min={self.t_min}")
+        number("entropy_bound", positive=True)
+        number("confidence_threshold", positive=True)
+        if self.acceptance not in ACCEPTANCE:
+            raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE)}, got {self.acceptance!r}")
+        if not 0 < self.min_confidence <= 1:
+            raise ValueError(f"min_confidence must be in (0, 1], got {self.min_confidence!r}")
+        for name in ("eos_token_id", "pad_token_id"):
+            ids = getattr(self, name)
+            for token in (ids,) if name == "pad_token_id" and ids is not None else ids or ():
+                if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
+                    raise ValueError(f"{name} must hold token ids in [0, {vocab_size}), got {ids!r}")
+
+    def make_acceptance(self):
+        if self.acceptance == "confidence":
+            return ConfidenceAcceptance(self.min_confidence)
+        return EntropyBoundAcceptance(self.entropy_bound)
+
+
+def _from_generation_config(config) -> dict:
+    """Options a generation_config.json sets (nulls mean unset)."""
+    names = {f.name for f in fields(DiffusionOptions)} | {"max_new_tokens", "sampler_config"}
+    values = {k: v for k, v in config.items() if k in names and v is not None}
+    if "max_new_tokens" in values:
+        values["max_tokens"] = values.pop("max_new_tokens")
+    sampler = values.pop("sampler_config", None)
+    if isinstance(sampler, dict) and sampler.get("entropy_bound") is not None:
+        values["entropy_bound"] = sampler["entropy_bound"]
+    return values
+
+
+@dataclass
+class Draft:
+    """One denoising step: the argmax canvas so far (decoded only if read)."""
+
+    canvas: int  # index of the canvas being denoised, from 0
+    step: int  # denoising steps taken on this canvas, from 1
+    tokens: list
+    accepted: int  # positions the acceptance kept in this step
+    mean_entropy: float
+    tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(self.tokens)
+
+
+@dataclass
+class Commit:
+    """A canvas committed to the sequence: its tokens up to eos / max_tokens."""
+
+    canvas: int
+    tokens: list
+    text: str  # the new text segment (streaming detokenizer)
+
+
+@dataclass
+class DiffusionResponse:
+    """The final event, and what `diffusion_generate` returns. Statistics are
+    named like mlx-lm's GenerationResponse where they overlap."""
+
+    text: str  # the answer, without the thought channel
+    thinking: str
+    tokens: list  # generated ids, without eos and padding
+    finish_reason: str  # "stop" (eos) or "length"
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float  # GB
+    canvases: int
+    denoising_steps: int
+    tokens_per_forward: float  # the reference's definition: non-pad tokens of whole canvases / decoder passes
+    wall_time: float  # seconds
+
+
+def _token_ids(ids, vocab_size: int, what: str) -> mx.array:
+    array = np.asarray(ids.tolist() if isinstance(ids, mx.array) else ids)
+    if array.size == 0:
+        raise ValueError(f"{what} is empty")
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{what} must be a string or a 1-D sequence of token ids, got shape {array.shape}")
+    if array.min() < 0 or array.max() >= vocab_size:
+        raise ValueError(f"{what} holds ids outside [0, {vocab_size}): {array.min()}..{array.max()}")
+    return mx.array(array, dtype=mx.int32)
+
+
+def stream_diffusion_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, list, np.ndarray, mx.array],
+    *,
+    system_prompt: Optional[str] = None,
+    enable_thinking: bool = False,
+    use_chat_template: bool = True,
+    seed: Optional[int] = None,
+    randomness=None,
+    decoder_input_ids=None,
+    **options,
+) -> Iterator[Union[Draft, Commit, DiffusionResponse]]:
+    """Generate canvas by canvas, yielding a `Draft` per denoising step, a
+    `Commit` per canvas and finally the `DiffusionResponse`.
+
+    `prompt` is a string (rendered with the chat template unless
+    `use_chat_template=False`) or token ids. `options` are `DiffusionOptions`
+    fields. `decoder_input_ids` replaces the first canvas's random start.
+    """
+    args = model.args
+    opts = DiffusionOptions.resolve(model, tokenizer, options)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+        prompt = render_prompt(tokenizer, prompt, system_prompt, enable_thinking, use_chat_template)
+    prompt = _token_ids(prompt, args.vocab_size, "prompt")
+    C, V, N = args.canvas_length, args.vocab_size, opts.max_denoising_steps
+    room = (args.max_position_embeddings - prompt.size) // C
+    if room < 1:
+        raise ValueError(
+            f"the prompt has {prompt.size} tokens; with a canvas of {C} it does not fit the model's "
+            f"context of {args.max_position_embeddings} tokens"
+        )
+    first_canvas = None
+    if decoder_input_ids is not None:
+        first_canvas = _token_ids(decoder_input_ids, V, "decoder_input_ids")
+        if first_canvas.size != C:
+            raise ValueError(f"decoder_input_ids must hold canvas_length={C} ids, got {first_canvas.size}")
+    if randomness is not None and seed is not None:
+        raise ValueError("pass either seed or randomness, not both")
+    randomness = randomness or Randomness(seed)
+    acceptance = opts.make_acceptance()
+    stopping = StableAndConfidentStopping(opts.stability_threshold, opts.confidence_threshold)
+    detokenizer = None if tokenizer is None else tokenizer.detokenizer
+
+    start = time.perf_counter()
+    cache = model.make_cache()
+    model.encode(prompt, cache)
+    prompt_time = time.perf_counter() - start
+
+    sequence, tokens, passes, finish_reason = [], [], 0, "length"
+    canvases = min(math.ceil(opts.max_tokens / C), room)
+    for index in range(canvases):
+        # drawn even when the caller gives a canvas, as the reference does
+        canvas = randomness.uniform_ids((1, C), V)
+        if index == 0 and first_canvas is not None:
+            canvas = first_canvas[None]
+        self_conditioning, argmax = None, canvas
+        acceptance.reset()
+        stopping.reset()
+        for step, cur_step in enumerate(range(N, 0, -1), start=1):
+            logits = model.decode(canvas, cache, self_conditioning)
+            processed = logits / linear_temperature(cur_step, N, opts.t_min, opts.t_max)
+            denoised = randomness.categorical(processed).astype(mx.int32)
+            argmax = processed.argmax(axis=-1).astype(mx.int32)
+            token_entropy = entropy(processed)
+            accepted, kept = acceptance(canvas, denoised, processed, token_entropy)
+            canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
+            done = stopping(argmax, token_entropy)
+            self_conditioning = processed.astype(model.dtype)
+            kept_count, mean_entropy = kept.sum(), token_entropy.mean()
+            mx.eval(canvas, argmax, self_conditioning, done, kept_count, mean_entropy)
+            passes += 1
+            yield Draft(index, step, argmax[0].tolist(), kept_count.item(), mean_entropy.item(), tokenizer)
+            if done.item():
+                break
+
+        committed = argmax[0].tolist()
+        eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
+        room_left = opts.max_tokens - len(tokens)
+        new = committed[: min(room_left, C if eos is None else eos)]
+        if eos is not None:
+            finish_reason = "stop" if eos < room_left else "length"
+            if opts.pad_token_id is not None:  # the reference pads what follows the first eos
+                committed[eos + 1 :] = [opts.pad_token_id] * (C - eos - 1)
+        sequence.extend(committed)
+        tokens.extend(new)
+        segment = ""
+        if detokenizer is not None:
+            for t in new:
+                detokenizer.add_token(t)
+            if eos is not None or index == canvases - 1:
+                detokenizer.finalize()
+            segment = detokenizer.last_segment
+        yield Commit(index, new, segment)
+        if eos is not None:
+            break
+        if index + 1 < canvases:
+            model.encode(argmax, cache)  # the next canvas attends to this one
+
+    elapsed = time.perf_counter() - start
+    generation_time = max(elapsed - prompt_time, 1e-9)
+    thinking, text = split_thinking(tokenizer, tokens) if tokenizer is not None else ("", "")
+    valid = len(sequence) if opts.pad_token_id is None else sum(t != opts.pad_token_id for t in sequence)
+    yield DiffusionResponse(
+        text=text,
+        thinking=thinking,
+        tokens=tokens,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt.size,
+        prompt_tps=prompt.size / max(prompt_time, 1e-9),
+        generation_tokens=len(tokens),
+        generation_tps=len(tokens) / generation_time,
+        peak_memory=mx.get_peak_memory() / 1e9,
+        canvases=len(sequence) // C,
+        denoising_steps=passes,
+        tokens_per_forward=valid / passes,
+        wall_time=elapsed,
+    )
+
+
+def diffusion_generate(model, tokenizer, prompt, **kwargs) -> DiffusionResponse:
+    """Generate and return the final `DiffusionResponse` (see
+    `stream_diffusion_generate` for the arguments)."""
+    for event in stream_diffusion_generate(model, tokenizer, prompt, **kwargs):
+        pass
+    return event
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """mlx_lm.generate's flags where they make sense, plus the sampler's."""
+    p = _ArgumentParser(prog="python -m mlx_diffusiongemma.generate", description="Generate text with DiffusionGemma.")
+    p.add_argument("--model", required=True, help="local directory or Hugging Face repo")
+    p.add_argument("--prompt", "-p", required=True, help="message to the model ('-' reads stdin)")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true", help="encode the prompt raw")
+    p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
+    p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
+    p.add_argument("--max-tokens", "-m", type=int, default=None, help="rounded up to whole canvases")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--verbose", type=_str2bool, default=True, help="live canvas and statistics (True/False)")
+    g = p.add_argument_group("diffusion (defaults: the checkpoint's generation_config.json, then the reference)")
+    g.add_argument("--max-denoising-steps", type=int, default=None)
+    g.add_argument("--t-min", type=float, default=None)
+    g.add_argument("--t-max", type=float, default=None)
+    g.add_argument("--entropy-bound", type=float, default=None)
+    g.add_argument("--stability-threshold", type=int, default=None)
+    g.add_argument("--confidence-threshold", type=float, default=None)
+    g.add_argument("--eos-token-id", type=int, nargs="*", default=None, help="none given: no eos")
+    g.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default=None)
+    g.add_argument("--min-confidence", type=float, default=None, help="for --acceptance confidence")
+    g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None, help="the first canvas's start")
+    return p
+
+
+def _str2bool(value: str) -> bool:
+    if value.lower() in ("true", "t", "1", "yes"):
+        return True
+    if value.lower() in ("false", "f", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+class _LiveCanvas:
+    """Redraws one terminal line: committed text, then the canvas converging."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.committed = ""
+
+    def show(self, event) -> None:
+        if isinstance(event, Commit):
+            self.committed += event.text
+            draft = ""
+        else:
+            draft = f"[{event.text}] step {event.step}, {event.accepted} accepted, entropy {event.mean_entropy:.2f}"
+        width = _terminal_width() - 1
+        line = (self.committed + draft).replace("\n", " ")[-width:]
+        self.stream.write(f"\r\033[K{line}")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
+
+
+def _terminal_width() -> int:
+    return shutil.get_terminal_size().columns
+
+
+def statistics_line(r: DiffusionResponse) -> str:
+    return (
+        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
+        f"Generation: {r.generation_tokens} tokens, {r.canvases} canvases, {r.denoising_steps} denoising steps, "
+        f"{r.tokens_per_forward:.2f} tokens/forward, {r.generation_tps:.3f} tokens-per-sec | "
+        f"Wall: {r.wall_time:.2f} s | Peak memory: {r.peak_memory:.3f} GB"
+    )
+
+
+def main(argv=None) -> int:
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+            "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
+        )
+    }
+    live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() else None
+    try:
+        model, tokenizer = load(args.model)
+        events = stream_diffusion_generate(
+            model,
+            tokenizer,
+            prompt,
+            system_prompt=args.system_prompt,
+            enable_thinking=args.enable_thinking,
+            use_chat_template=not args.ignore_chat_template,
+            seed=args.seed,
+            decoder_input_ids=args.decoder_input_ids,
+            **options,
+        )
+        for event in events:
+            if live is not None and not isinstance(event, DiffusionResponse):
+                live.show(event)
+    except (ValueError, OSError) as e:
+        if live is not None:
+            live.clear()
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
+    if live is not None:
+        live.clear()
+    if args.show_thinking and event.thinking:
+        print(f"Thinking:\n{event.thinking}\n\nAnswer:")
+    print(event.text)
+    if args.verbose:
+        print(statistics_line(event))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

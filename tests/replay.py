@@ -1,0 +1,115 @@
+"""Record the reference's `generate` and replay it through ours.
+
+The recording wraps `torch.randint` / `torch.multinomial` (every random draw,
+in order) and the model's forward (every decoder call's input canvas,
+self-conditioning logits and output logits).
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+import torch
+
+
+@dataclass
+class Recording:
+    draws: list = field(default_factory=list)  # ("uniform" | "categorical", np.ndarray)
+    canvases: list = field(default_factory=list)  # decoder input canvas per call
+    self_conditioning: list = field(default_factory=list)  # None or np.ndarray per call
+    logits: list = field(default_factory=list)  # decoder output per call
+    sequence: np.ndarray = None  # generated part of `sequences`
+    tokens_per_forward: float = None
+
+
+@contextmanager
+def _recording_draws(recording: Recording):
+    randint, multinomial = torch.randint, torch.multinomial
+
+    def recorded_randint(*args, **kwargs):
+        out = randint(*args, **kwargs)
+        recording.draws.append(("uniform", out.numpy().copy()))
+        return out
+
+    def recorded_multinomial(*args, **kwargs):
+        out = multinomial(*args, **kwargs)
+        recording.draws.append(("categorical", out.numpy().copy()))
+        return out
+
+    torch.randint, torch.multinomial = recorded_randint, recorded_multinomial
+    try:
+        yield
+    finally:
+        torch.randint, torch.multinomial = randint, multinomial
+
+
+def record_reference(reference, prompt_ids, seed: int = 0, **generate_kwargs) -> Recording:
+    recording = Recording()
+    forward = reference.forward
+
+    def recorded_forward(**kwargs):
+        out = forward(**kwargs)
+        sc = kwargs.get("self_conditioning_logits")
+        recording.canvases.append(kwargs["decoder_input_ids"].numpy().copy())
+        recording.self_conditioning.append(None if sc is None else sc.numpy().copy())
+        recording.logits.append(out.logits.numpy().copy())
+        return out
+
+    reference.forward = recorded_forward
+    torch.manual_seed(seed)
+    try:
+        with _recording_draws(recording), torch.no_grad():
+            out = reference.generate(torch.tensor([prompt_ids]), **generate_kwargs)
+    finally:
+        del reference.forward
+    recording.sequence = out.sequences[0, len(prompt_ids) :].numpy()
+    recording.tokens_per_forward = float(out.tokens_per_forward[0])
+    return recording
+
+
+class ReplayedRandomness:
+    """Hands out the reference's recorded draws, checking they are asked for
+    in the reference's order and shapes."""
+
+    def __init__(self, recording: Recording):
+        self.draws = list(recording.draws)
+
+    def _next(self, kind):
+        assert self.draws, f"more random draws than the reference made (wanted {kind})"
+        got, value = self.draws.pop(0)
+        assert got == kind, f"draw order differs: ours asks for {kind}, the reference drew {got}"
+        return value
+
+    def uniform_ids(self, shape, vocab_size):
+        value = self._next("uniform")
+        assert value.shape == tuple(shape) and value.max() < vocab_size
+        return mx.array(value, dtype=mx.int32)
+
+    def categorical(self, logits):
+        value = self._next("categorical")
+        return mx.array(value.reshape(logits.shape[:-1]), dtype=mx.int32)
+
+
+class ReplayedDecoder:
+    """Our model, with `decode` answering the recorded logits and recording
+    what our generate passes in. `encode` and the cache are the real ones."""
+
+    def __init__(self, model, recording: Recording):
+        self.model, self.recording = model, recording
+        self.args, self.dtype, self.generation_config = model.args, model.dtype, model.generation_config
+        self.canvases, self.self_conditioning = [], []
+
+    def make_cache(self):
+        return self.model.make_cache()
+
+    def encode(self, ids, cache):
+        self.model.encode(ids, cache)
+
+    def decode(self, canvas, cache, self_conditioning_logits=None):
+        i = len(self.canvases)
+        assert i < len(self.recording.logits), "more decoder calls than the reference made"
+        self.canvases.append(np.array(canvas))
+        sc = self_conditioning_logits
+        self.self_conditioning.append(None if sc is None else np.array(sc))
+        return mx.array(self.recording.logits[i])

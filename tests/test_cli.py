@@ -1,0 +1,79 @@
+"""`python -m mlx_diffusiongemma.generate` end to end on a small checkpoint
+with the test tokenizer and chat template."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_diffusiongemma import diffusion_generate, load
+from mlx_diffusiongemma.generate import Commit, Draft, _LiveCanvas, main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--max-tokens", "12", "--max-denoising-steps", "3", "--seed", "1"]
+
+
+def test_prints_answer_and_statistics(chat_checkpoint, capsys):
+    assert main(["--model", str(chat_checkpoint), "--prompt", "why is the sky blue", "--system-prompt", "hello", *FAST]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model, tokenizer = load(chat_checkpoint)
+    expected = diffusion_generate(model, tokenizer, "why is the sky blue", system_prompt="hello", seed=1,
+                                  max_tokens=12, max_denoising_steps=3)
+    assert lines[0] == expected.text
+    stats = lines[-1]
+    assert stats.startswith(f"Prompt: {expected.prompt_tokens} tokens, ")
+    assert f"Generation: {expected.generation_tokens} tokens, 1 canvases, " in stats
+    assert "tokens/forward" in stats and "Peak memory:" in stats
+
+
+def test_quiet_prints_only_the_answer(chat_checkpoint, capsys):
+    assert main(["--model", str(chat_checkpoint), "--prompt", "hello", "--verbose", "False", "--ignore-chat-template", *FAST]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_module_entry_point_reads_stdin(chat_checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_diffusiongemma.generate", "--model", str(chat_checkpoint), "--prompt", "-", *FAST],
+        input="hello world", capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].startswith("Prompt: ")
+
+
+@pytest.mark.parametrize("argv", [["--model", "x", "--prompt", "p", "--bogus"], ["--prompt", "p"], ["--model", "x", "--prompt", "p", "--seed", "one"]])
+def test_bad_flags_exit_2_with_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err
+
+
+def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cases = [
+        (["--model", str(tmp_path), "--prompt", "hi"], "llama"),
+        (["--model", str(tmp_path / "missing"), "--prompt", "hi"], "missing"),
+        (["--model", str(chat_checkpoint), "--prompt", ""], "prompt is empty"),
+        (["--model", str(chat_checkpoint), "--prompt", "hi", "--t-max", "0.1"], "t_max must be greater than t_min"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_live_canvas_redraws_one_line():
+    stream = io.StringIO()
+    live = _LiveCanvas(stream)
+    live.show(Draft(0, 1, [5, 6], 1, 2.5, None))
+    live.show(Commit(0, [5, 6], "sky blue"))
+    live.clear()
+    out = stream.getvalue()
+    assert out.count("\r\033[K") == 3 and "step 1, 1 accepted, entropy 2.50" in out and "sky blue" in out
+    assert "\n" not in out

@@ -1,0 +1,178 @@
+"""diffusion_generate's behaviour: options, eos and length handling, seeds,
+streaming, chat rendering. The reference replay lives in test_generate_replay.py."""
+
+from types import MappingProxyType, SimpleNamespace
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.utils import load_tokenizer
+from mlx_diffusiongemma.toy import token_id
+
+from mlx_diffusiongemma import Randomness, diffusion_generate, load, stream_diffusion_generate
+from mlx_diffusiongemma.chat import render_prompt, split_thinking
+from mlx_diffusiongemma.generate import Commit, DiffusionOptions, DiffusionResponse, Draft
+
+V, C = 40, 6
+
+
+class ScriptedModel:
+    """Answers each canvas with one-hot logits for a scripted canvas, so the
+    sampler converges in two steps (stable and confident)."""
+
+    def __init__(self, canvases, generation_config=None, context=4096):
+        self.script = [mx.array(c) for c in canvases]
+        self.args = SimpleNamespace(canvas_length=C, vocab_size=V, max_position_embeddings=context)
+        self.dtype = mx.float32
+        self.generation_config = MappingProxyType(generation_config or {})
+        self.encoded, self.decoded = [], []
+
+    def make_cache(self):
+        return []
+
+    def encode(self, ids, cache):
+        self.encoded.append(np.array(ids).ravel().tolist())
+
+    def decode(self, canvas, cache, self_conditioning_logits=None):
+        self.decoded.append(np.array(canvas).ravel().tolist())
+        target = self.script[len(self.encoded) - 1]
+        return 30.0 * (mx.arange(V) == target[:, None]).astype(mx.float32)[None]
+
+
+def _run(model, **kwargs):
+    kwargs.setdefault("seed", 0)
+    return diffusion_generate(model, None, [3, 4, 5], **kwargs)
+
+
+def test_eos_stops_and_truncates():
+    model = ScriptedModel([[5, 6, 7, 8, 9, 10], [11, 1, 12, 13, 14, 15], [16] * 6])
+    r = _run(model, eos_token_id=1, pad_token_id=0, max_tokens=18)
+    assert r.tokens == [5, 6, 7, 8, 9, 10, 11] and r.finish_reason == "stop"
+    assert r.canvases == 2 and r.denoising_steps == 4  # two steps per canvas: stable and confident
+    assert model.encoded == [[3, 4, 5], [5, 6, 7, 8, 9, 10]]  # the prompt, then the first canvas; never the last
+    assert r.tokens_per_forward == pytest.approx(8 / 4)  # the reference counts eos, not the padding after it
+    assert r.prompt_tokens == 3 and r.generation_tokens == 7
+
+
+def test_max_tokens_rounds_up_to_canvases_and_trims_the_response():
+    model = ScriptedModel([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 15]])
+    r = _run(model, eos_token_id=[1], max_tokens=8)
+    assert r.canvases == 2 and r.tokens == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert r.finish_reason == "length"  # the eos lies past max_tokens
+    r = _run(ScriptedModel([[5, 6, 7, 8, 9, 10]] * 2), eos_token_id=[], max_tokens=6)
+    assert r.canvases == 1 and r.finish_reason == "length" and len(r.tokens) == 6
+
+
+def test_empty_eos_list_disables_eos_and_checkpoint_defaults_apply():
+    config = {"eos_token_id": [1], "max_new_tokens": 12, "max_denoising_steps": None}
+    r = _run(ScriptedModel([[1] * 6, [2] * 6], generation_config=config))
+    assert r.finish_reason == "stop" and r.tokens == []
+    r = _run(ScriptedModel([[1] * 6, [2] * 6], generation_config=config), eos_token_id=[])
+    assert r.canvases == 2 and r.tokens == [1] * 6 + [2] * 6  # max_new_tokens from the checkpoint
+
+
+def test_option_precedence():
+    model = SimpleNamespace(
+        args=SimpleNamespace(vocab_size=V),
+        generation_config={"t_min": 0.2, "t_max": None, "sampler_config": {"entropy_bound": 0.5, "_cls_name": "x"},
+                           "max_new_tokens": 64, "stability_threshold": 2, "transformers_version": "5.23"},
+    )
+    tokenizer = SimpleNamespace(eos_token_ids={7, 3})
+    options = DiffusionOptions.resolve(model, tokenizer, {"stability_threshold": 0, "confidence_threshold": None})
+    assert (options.t_min, options.t_max, options.entropy_bound, options.max_tokens) == (0.2, 0.8, 0.5, 64)
+    assert options.stability_threshold == 0 and options.confidence_threshold == 0.005
+    assert options.eos_token_id == (3, 7)  # no eos in the generation config: the tokenizer's
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("t_max", 0.3, "t_max must be greater than t_min"),
+        ("t_min", -0.1, "t_min must be a number >= 0"),
+        ("entropy_bound", 0.0, "entropy_bound must be a number > 0"),
+        ("max_denoising_steps", 0, "max_denoising_steps must be an integer >= 1"),
+        ("max_denoising_steps", 2.5, "max_denoising_steps must be an integer"),
+        ("stability_threshold", -1, "stability_threshold must be an integer >= 0"),
+        ("confidence_threshold", 0, "confidence_threshold must be a number > 0"),
+        ("max_tokens", 0, "max_tokens must be an integer >= 1"),
+        ("eos_token_id", [1, V], "eos_token_id must hold token ids in"),
+        ("acceptance", "greedy", "acceptance must be one of"),
+        ("min_confidence", 1.5, "min_confidence must be in"),
+    ],
+)
+def test_invalid_options_are_named(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        _run(ScriptedModel([[5] * 6]), **{option: value})
+
+
+@pytest.mark.parametrize(
+    "prompt,kwargs,error,message",
+    [
+        ([], {}, ValueError, "prompt is empty"),
+        ("   ", {}, ValueError, "prompt is empty"),
+        ([3, V], {}, ValueError, r"prompt holds ids outside \[0, 40\)"),
+        ([[1, 2], [3, 4]], {}, ValueError, "1-D sequence of token ids"),
+        ("hello", {}, ValueError, "a text prompt needs a tokenizer"),
+        ([3] * 20, {}, ValueError, "does not fit the model's context of 24 tokens"),
+        ([3], {"decoder_input_ids": [1, 2]}, ValueError, "decoder_input_ids must hold canvas_length=6 ids"),
+        ([3], {"seed": 1, "randomness": Randomness(1)}, ValueError, "either seed or randomness"),
+        ([3], {"temperature": 0.5}, TypeError, "unknown generation option"),
+    ],
+)
+def test_bad_prompts_and_arguments(prompt, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        diffusion_generate(ScriptedModel([[5] * 6], context=24), None, prompt, **kwargs)
+
+
+def test_decoder_input_ids_start_the_first_canvas_only():
+    model = ScriptedModel([[5] * 6, [6] * 6])
+    _run(model, decoder_input_ids=[9, 8, 7, 6, 5, 4], max_tokens=12, eos_token_id=[])
+    assert model.decoded[0] == [9, 8, 7, 6, 5, 4]
+    assert model.decoded[2] != [9, 8, 7, 6, 5, 4]  # the second canvas starts random
+
+
+def test_seeds_reproduce_and_global_state_controls_unseeded(chat_checkpoint):
+    model, tokenizer = load(chat_checkpoint)
+    run = lambda **kw: diffusion_generate(model, tokenizer, "why is the sky blue", max_tokens=12, max_denoising_steps=4, **kw)
+    assert run(seed=5).tokens == run(seed=5).tokens
+    assert run(seed=5).tokens != run(seed=6).tokens
+    mx.random.seed(9)
+    first = run().tokens
+    mx.random.seed(9)
+    assert run().tokens == first
+
+
+def test_streaming_yields_drafts_while_working(chat_checkpoint):
+    model, tokenizer = load(chat_checkpoint)
+    encodes = []
+    model_encode = model.encode
+    model.encode = lambda ids, cache: (encodes.append(len(np.array(ids).ravel())), model_encode(ids, cache))
+    events = stream_diffusion_generate(model, tokenizer, "hello world", seed=0, max_tokens=24, max_denoising_steps=3,
+                                       eos_token_id=[])
+    first = next(events)
+    assert isinstance(first, Draft) and encodes == [len(render_prompt(tokenizer, "hello world"))]  # only the prompt
+    assert first.step == 1 and first.accepted >= 1 and first.mean_entropy > 0 and len(first.tokens) == 12
+    assert first.text == tokenizer.decode(first.tokens)
+    rest = list(events)
+    kinds = [type(e).__name__ for e in [first] + rest]
+    assert kinds == ["Draft"] * 3 + ["Commit"] + ["Draft"] * 3 + ["Commit", "DiffusionResponse"]
+    final = rest[-1]
+    assert isinstance(final, DiffusionResponse)
+    assert "".join(e.text for e in rest if isinstance(e, Commit)).split() == tokenizer.decode(final.tokens).split()
+    assert final.denoising_steps == 6 and final.tokens_per_forward == pytest.approx(24 / 6)
+    assert final.peak_memory > 0 and final.prompt_tps > 0 and final.generation_tps > 0 and final.wall_time > 0
+
+
+def test_chat_template_and_thinking(chat_checkpoint):
+    tokenizer = load_tokenizer(chat_checkpoint, eos_token_ids=[1, 4])
+    ids = render_prompt(tokenizer, "hello", system_prompt="sky", enable_thinking=True)
+    assert tokenizer.decode(ids).split() == "<bos> <|turn> system <|think|> sky <turn|> <|turn> user hello <turn|> <|turn> model".split()
+    ids = render_prompt(tokenizer, "hello")
+    assert tokenizer.decode(ids).split() == "<bos> <|turn> user hello <turn|> <|turn> model".split()
+    assert render_prompt(tokenizer, "hello world", use_chat_template=False) == [token_id("hello"), token_id("world")]
+
+    channel, close = token_id("<|channel>"), token_id("<channel|>")
+    thought, why, sky, blue = (token_id(w) for w in ("thought", "why", "sky", "blue"))
+    assert split_thinking(tokenizer, [channel, thought, why, close, sky, blue]) == ("why", "sky blue")
+    assert split_thinking(tokenizer, [channel, thought, why, sky]) == ("why sky", "")  # still thinking
+    assert split_thinking(tokenizer, [sky, blue]) == ("", "sky blue")
