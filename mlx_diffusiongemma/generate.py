@@ -169,6 +169,31 @@ def _token_ids(ids, vocab_size: int, what: str) -> mx.array:
     return mx.array(array, dtype=mx.int32)
 
 
+def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acceptance, stopping):
+    """The reference's denoising loop for one canvas, steps N..1: yields the
+    argmax canvas, the count of positions kept and the mean entropy after each
+    step; the last argmax is the canvas to commit."""
+    C, V, N = model.args.canvas_length, model.args.vocab_size, opts.max_denoising_steps
+    self_conditioning = None
+    acceptance.reset()
+    stopping.reset()
+    for cur_step in range(N, 0, -1):
+        logits = model.decode(canvas, cache, self_conditioning)
+        processed = logits / linear_temperature(cur_step, N, opts.t_min, opts.t_max)
+        denoised = randomness.categorical(processed).astype(mx.int32)
+        argmax = processed.argmax(axis=-1).astype(mx.int32)
+        token_entropy = entropy(processed)
+        accepted, kept = acceptance(canvas, denoised, processed, token_entropy)
+        canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
+        done = stopping(argmax, token_entropy)
+        self_conditioning = processed.astype(model.dtype)
+        kept_count, mean_entropy = kept.sum(), token_entropy.mean()
+        mx.eval(canvas, argmax, self_conditioning, done, kept_count, mean_entropy)
+        yield argmax, kept_count.item(), mean_entropy.item()
+        if done.item():
+            return
+
+
 def stream_diffusion_generate(
     model,
     tokenizer,
@@ -196,7 +221,7 @@ def stream_diffusion_generate(
             raise ValueError("prompt is empty")
         prompt = render_prompt(tokenizer, prompt, system_prompt, enable_thinking, use_chat_template)
     prompt = _token_ids(prompt, args.vocab_size, "prompt")
-    C, V, N = args.canvas_length, args.vocab_size, opts.max_denoising_steps
+    C, V = args.canvas_length, args.vocab_size
     room = (args.max_position_embeddings - prompt.size) // C
     if room < 1:
         raise ValueError(
@@ -227,25 +252,10 @@ def stream_diffusion_generate(
         canvas = randomness.uniform_ids((1, C), V)
         if index == 0 and first_canvas is not None:
             canvas = first_canvas[None]
-        self_conditioning, argmax = None, canvas
-        acceptance.reset()
-        stopping.reset()
-        for step, cur_step in enumerate(range(N, 0, -1), start=1):
-            logits = model.decode(canvas, cache, self_conditioning)
-            processed = logits / linear_temperature(cur_step, N, opts.t_min, opts.t_max)
-            denoised = randomness.categorical(processed).astype(mx.int32)
-            argmax = processed.argmax(axis=-1).astype(mx.int32)
-            token_entropy = entropy(processed)
-            accepted, kept = acceptance(canvas, denoised, processed, token_entropy)
-            canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
-            done = stopping(argmax, token_entropy)
-            self_conditioning = processed.astype(model.dtype)
-            kept_count, mean_entropy = kept.sum(), token_entropy.mean()
-            mx.eval(canvas, argmax, self_conditioning, done, kept_count, mean_entropy)
+        steps = denoise_canvas(model, cache, canvas, opts, randomness, acceptance, stopping)
+        for step, (argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
             passes += 1
-            yield Draft(index, step, argmax[0].tolist(), kept_count.item(), mean_entropy.item(), tokenizer)
-            if done.item():
-                break
+            yield Draft(index, step, argmax[0].tolist(), kept_count, mean_entropy, tokenizer)
 
         committed = argmax[0].tolist()
         eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
@@ -386,6 +396,8 @@ def main(argv=None) -> int:
         )
     }
     live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() else None
+    if args.seed is not None:
+        mx.random.seed(args.seed)  # as mlx_lm.generate does: same seed, same draws, same text
     try:
         model, tokenizer = load(args.model)
         events = stream_diffusion_generate(
@@ -395,7 +407,6 @@ def main(argv=None) -> int:
             system_prompt=args.system_prompt,
             enable_thinking=args.enable_thinking,
             use_chat_template=not args.ignore_chat_template,
-            seed=args.seed,
             decoder_input_ids=args.decoder_input_ids,
             **options,
         )
