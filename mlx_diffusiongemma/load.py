@@ -239,24 +239,48 @@ def _recipe(path: str, module: nn.Module, bits: int, group_size: int, mode: str)
     return False
 
 
-def quantize(model: Model, bits: int = 4, group_size: int = 64, mode: str = "affine") -> dict:
-    """Quantize in place with the mlx-community recipe; returns the config's
-    `quantization` entries: the global setting plus an entry for each module
-    quantized otherwise. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
+RECIPES = {"mlx-community": _recipe}
+
+
+def quantization_plan(
+    model: Model, bits: int = 4, group_size: int = 64, mode: str = "affine", recipe: str = "mlx-community"
+):
+    """What `quantize` does, decided without touching a weight: the `to_quantized`
+    settings of each module the recipe quantizes, and the config's `quantization`
+    entries. `convert` streams with the same plan, so both write the same checkpoint."""
     if mode in ("mxfp4", "mxfp8"):
         group_size = 32
     elif mode == "nvfp4":
         group_size = 16
-    entries = {}
+    choose = RECIPES[recipe]
+    plan = {}
+    for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        entry = choose(path, module, bits, group_size, mode)
+        if entry:
+            plan[path] = entry
+    entries = {
+        path: entry
+        for path, entry in plan.items()
+        if (entry["bits"], entry["group_size"], entry.get("mode", "affine")) != (bits, group_size, mode)
+    }
+    return plan, {"group_size": group_size, "bits": bits, "mode": mode, **entries}
 
-    def predicate(path, module):
-        entry = _recipe(path, module, bits, group_size, mode)
-        if entry and (entry["bits"], entry["group_size"], entry.get("mode", "affine")) != (bits, group_size, mode):
-            entries[path] = entry
-        return entry
 
-    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
-    return {"group_size": group_size, "bits": bits, "mode": mode, **entries}
+def quantize(
+    model: Model, bits: int = 4, group_size: int = 64, mode: str = "affine", recipe: str = "mlx-community"
+) -> dict:
+    """Quantize in place with the mlx-community recipe; returns the config's
+    `quantization` entries: the global setting plus an entry for each module
+    quantized otherwise. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
+    plan, config = quantization_plan(model, bits, group_size, mode, recipe)
+    nn.quantize(
+        model,
+        group_size=config["group_size"],
+        bits=bits,
+        mode=mode,
+        class_predicate=lambda path, _: plan.get(path, False),
+    )
+    return config
 
 
 def save_model(model: Model, path: Union[str, Path], config: dict) -> Path:

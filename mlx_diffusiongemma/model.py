@@ -23,6 +23,8 @@ from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 MODEL_TYPE = "diffusion_gemma"
+# The vision tower's weights: a text-only port drops them (mlx-vlm reads them).
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 
 _REQUIRED_TEXT_FIELDS = (
     "hidden_size",
@@ -438,7 +440,7 @@ class Model(nn.Module):
         """
         out = {}
         for key, value in weights.items():
-            if key.startswith(("model.encoder.vision_tower.", "model.encoder.embed_vision.", "lm_head.")):
+            if key.startswith((*VISION_PREFIXES, "lm_head.")):
                 continue
             if key.startswith("model.encoder.language_model.") and not key.endswith(".layer_scalar"):
                 continue  # tied to the decoder's copy

@@ -45,6 +45,10 @@ TINY_VISION = dict(
 )
 
 
+# The released 26B-A4B model's configuration (SPEC.md, "Real configuration").
+REAL_CONFIG = json.loads((Path(__file__).parent / "real_26b_config.json").read_text())
+
+
 def build_reference(seed: int = 0, canvas_length: int = 12, perturb: bool = True, **text_overrides) -> DiffusionGemmaForBlockDiffusion:
     torch.manual_seed(seed)
     text = DiffusionGemmaTextConfig(**{**TINY_TEXT, **text_overrides})

@@ -8,34 +8,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from reference import build_reference, save_reference
+from reference import REAL_CONFIG, build_reference, save_reference
 
 from mlx_diffusiongemma import Model, ModelArgs, load_model, quantize, save_model
 
-REAL_CONFIG = {
-    "model_type": "diffusion_gemma",
-    "canvas_length": 256,
-    "text_config": {
-        "model_type": "diffusion_gemma_text",
-        "hidden_size": 2816,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 8,
-        "head_dim": 256,
-        "per_layer_config": {str(i): {"head_dim": 512, "num_key_value_heads": 2} for i in (5, 11, 17, 23, 29)},
-        "sliding_window": 1024,
-        "intermediate_size": 2112,
-        "num_experts": 128,
-        "top_k_experts": 8,
-        "moe_intermediate_size": 704,
-        "vocab_size": 262144,
-        "rms_norm_eps": 1e-6,
-        "final_logit_softcapping": 30.0,
-        "use_bidirectional_attention": "vision",
-        "layer_types": None,
-        "rope_parameters": None,
-    },
-}
 
 
 @pytest.fixture(scope="module")

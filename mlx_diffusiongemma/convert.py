@@ -1,0 +1,331 @@
+"""`python -m mlx_diffusiongemma.convert`: a Hugging Face DiffusionGemma checkpoint
+in, an mlx-community style repo out (the layout mlx-vlm writes), optionally quantized.
+
+Streams: tensors are read lazily from the safetensors files, cast and quantized one
+at a time, and written into shards as they fill, so the whole model is never in
+memory (peak is about one output shard plus one input tensor). The quantization
+plan is `quantization_plan`'s, the one `quantize` applies in memory, so a converted
+repo loads to exactly the model that `load_model` + `quantize` build. Only
+safetensors are read: nothing in a checkpoint is unpickled or executed.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+from huggingface_hub import HfApi, ModelCardData
+from mlx_lm.utils import save_config
+
+from .load import (
+    RECIPES,
+    _as_dtype,
+    check_weights,
+    load_config,
+    load_safetensors,
+    quantization_of,
+    quantization_plan,
+    resolve,
+)
+from .model import VISION_PREFIXES, Model, ModelArgs
+
+# What mlx-lm and mlx-vlm read besides the weights and config.json.
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+MODE_BITS = {"mxfp4": 4, "nvfp4": 4, "mxfp8": 8}  # the float modes allow one width each
+DEFAULT_SHARD_GB = 5.0  # as mlx-lm
+
+
+class _ShardWriter:
+    """Collects evaluated tensors and writes a shard as soon as the next tensor
+    would overflow it (a larger tensor gets a shard of its own, as in mlx-lm's
+    `make_shards`), so at most one shard is held in memory. Shards get their
+    final `-of-n` names in `finish`, once n is known."""
+
+    def __init__(self, path: Path, max_bytes: int):
+        self.path, self.max_bytes = path, max_bytes
+        self.shard, self.shard_bytes = {}, 0
+        self.files, self.weight_map, self.total_size = [], {}, 0
+
+    def add(self, tensors: dict) -> None:
+        for name, value in tensors.items():
+            if self.shard and self.shard_bytes + value.nbytes > self.max_bytes:
+                self.flush()
+            self.shard[name] = value
+            self.shard_bytes += value.nbytes
+
+    def flush(self) -> None:
+        if not self.shard:
+            return
+        name = f"model-{len(self.files) + 1:05d}.safetensors"
+        mx.save_safetensors(str(self.path / name), self.shard, metadata={"format": "mlx"})
+        self.weight_map.update(dict.fromkeys(self.shard, len(self.files)))
+        self.files.append(name)
+        self.total_size += self.shard_bytes
+        self.shard, self.shard_bytes = {}, 0
+        mx.clear_cache()  # freed shard buffers would otherwise stay resident in mlx's cache
+
+    def finish(self, total_parameters: int) -> dict:
+        self.flush()
+        n = len(self.files)
+        names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for temporary, final in zip(self.files, names):
+            os.replace(self.path / temporary, self.path / final)
+        index = {
+            "metadata": {"total_size": self.total_size, "total_parameters": total_parameters},
+            "weight_map": {k: names[i] for k, i in sorted(self.weight_map.items())},
+        }
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+        return index
+
+
+def _convert_tensor(name: str, weight: mx.array, plan: dict, dtype: Optional[mx.Dtype]) -> dict:
+    """One checkpoint tensor as the output tensors of its module, evaluated: cast
+    first, then quantized as `to_quantized` would (`.weight`, `.scales`, `.biases`)."""
+    if dtype is not None and mx.issubdtype(weight.dtype, mx.floating):
+        weight = weight.astype(dtype)
+    module, _, leaf = name.rpartition(".")
+    entry = plan.get(module) if leaf == "weight" else None
+    if entry is None:
+        out = {name: weight}
+    else:
+        wq, scales, *biases = mx.quantize(
+            weight, entry["group_size"], entry["bits"], mode=entry.get("mode", "affine")
+        )
+        out = {f"{module}.weight": wq, f"{module}.scales": scales}
+        if biases:
+            out[f"{module}.biases"] = biases[0]
+    mx.eval(out)
+    return out
+
+
+def _describe(quantization: Optional[dict], dtype: str) -> str:
+    """The recipe in words, for the log and the model card."""
+    if quantization is None:
+        return f"not quantized; weights in {dtype}"
+    q = quantization
+    return (
+        f"mlx-community recipe: experts and self-conditioning {q['bits']}-bit {q['mode']} (group size "
+        f"{q['group_size']}); embeddings, attention, dense MLP and router 8-bit affine (group size 64); "
+        f"norms, router scales, layer scalars and the vision tower unquantized ({dtype})"
+    )
+
+
+def _model_card(source: str, dst: Path, upload_repo: Optional[str], description: str, index: dict) -> str:
+    """README.md: where the weights come from, how they were quantized, how big, how to run."""
+    hub_source = not Path(source).expanduser().exists()  # as `resolve` decides
+    title, ref = (upload_repo, upload_repo) if upload_repo else (dst.name, str(dst))
+    size = index["metadata"]["total_size"]
+    bits_per_weight = 8 * size / index["metadata"]["total_parameters"]
+    data = ModelCardData(
+        library_name="mlx",
+        pipeline_tag="text-generation",
+        tags=["mlx", "diffusion_gemma"],
+        base_model=source if hub_source else None,
+    )
+    origin = f"[{source}](https://huggingface.co/{source})" if hub_source else f"`{source}`"
+    shards = len(set(index["weight_map"].values()))
+    return f"""---
+{data.to_yaml()}
+---
+
+# {title}
+
+Converted to MLX from {origin} with `python -m mlx_diffusiongemma.convert`.
+
+- Quantization: {description}.
+- Size: {size / 1e9:.2f} GB in {shards} safetensors shard(s), {bits_per_weight:.2f} bits per weight.
+
+## Use
+
+```bash
+pip install mlx-diffusiongemma
+python -m mlx_diffusiongemma.generate --model {ref} --prompt "Why is the sky blue?"
+```
+
+The layout is that of the mlx-community DiffusionGemma conversions (made by mlx-vlm),
+so tools that read those read this too, e.g. mlx-vlm (text and images) or, where its
+installed version supports `diffusion_gemma`, mlx-lm:
+
+```bash
+mlx_lm.generate --model {ref} --prompt "Why is the sky blue?"
+```
+"""
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise FileExistsError(f"{dst} exists and is not empty; pass --force to replace it")
+
+
+def convert(
+    hf_path: Union[str, Path],
+    mlx_path: Union[str, Path] = "mlx_model",
+    quantize: bool = False,
+    q_group_size: Optional[int] = None,
+    q_bits: Optional[int] = None,
+    q_mode: str = "affine",
+    dtype: Optional[str] = None,
+    quant_predicate: str = "mlx-community",
+    upload_repo: Optional[str] = None,
+    force: bool = False,
+    max_shard_size_gb: float = DEFAULT_SHARD_GB,
+) -> Path:
+    """Convert `hf_path` (a directory or hub repo id) into `mlx_path`.
+
+    Everything is written to a temporary sibling of `mlx_path` that replaces it
+    only once complete, so a failed or interrupted run leaves no (or the old)
+    output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
+    `q_group_size` default as in mlx-lm (4 and 64; the float modes fix both).
+    """
+    dst = Path(mlx_path).expanduser()
+    _check_destination(dst, force)
+    if q_mode in MODE_BITS and q_bits not in (None, MODE_BITS[q_mode]):
+        raise ValueError(f"--q-mode {q_mode} quantizes to {MODE_BITS[q_mode]} bits, not {q_bits}")
+    if quant_predicate not in RECIPES:
+        raise ValueError(f"unknown recipe {quant_predicate!r}; choose one of {sorted(RECIPES)}")
+    cast = _as_dtype(dtype) if dtype is not None else None
+
+    src = resolve(hf_path)
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ValueError(f"{dst} holds the source checkpoint {src}; choose another output directory")
+    config = load_config(src)
+    if quantization_of(config) is not None:
+        raise ValueError(f"{src / 'config.json'}: the checkpoint is already quantized; convert the original one")
+    try:
+        skeleton = Model(ModelArgs.from_dict(config))  # lazy: only names and shapes are used
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{src / 'config.json'}: {e}") from None
+
+    weights = load_safetensors(src)  # lazy: only the headers are read here
+    check_weights(skeleton, skeleton.sanitize(weights), src)  # the loader's own checks, up front
+    names = {old: new for new, old in skeleton.sanitize({k: k for k in weights}).items()}  # its renaming
+    names.update((k, k) for k in weights if k.startswith(VISION_PREFIXES))
+    tensors = {names[k]: v for k, v in weights.items() if k in names}  # lm_head and tied copies dropped
+    del weights
+    kept_dtype = dtype or str(tensors["model.decoder.norm.weight"].dtype).rpartition(".")[2]
+
+    plan, quantization = {}, None
+    if quantize:
+        bits = q_bits or MODE_BITS.get(q_mode, 4)
+        plan, quantization = quantization_plan(skeleton, bits, q_group_size or 64, q_mode, quant_predicate)
+        config["quantization"] = quantization  # save_config adds the `quantization_config` copy
+    if dtype is not None:
+        for section in (config, config.get("text_config") or {}):
+            for key in ("dtype", "torch_dtype"):
+                if key in section:
+                    section[key] = dtype
+    description = _describe(quantization, kept_dtype)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
+        writer = _ShardWriter(staging, int(max_shard_size_gb * (1 << 30)))
+        total_parameters = 0
+        for name in list(tensors):
+            total_parameters += tensors[name].size
+            # popped, so nothing here keeps the input alive once it is converted
+            writer.add(_convert_tensor(name, tensors.pop(name), plan, cast))
+        index = writer.finish(total_parameters)
+        save_config(config, staging / "config.json", keep_vision_config=True)
+        copied = [f for f in COPIED_FILES if (src / f).is_file()]
+        for f in copied:
+            shutil.copyfile(src / f, staging / f)
+        if not {"tokenizer.json", "tokenizer.model"} & set(copied):
+            print(f"[WARN] {src} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
+        (staging / "README.md").write_text(_model_card(str(hf_path), dst, upload_repo, description, index))
+        _replace(dst, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"[INFO] Wrote {dst}: {index['metadata']['total_size'] / 1e9:.2f} GB in {len(writer.files)} shard(s)")
+    if upload_repo is not None:
+        upload(dst, upload_repo)
+    return dst
+
+
+def _replace(dst: Path, staging: Path) -> None:
+    """Move the finished output into place; an old directory (--force) goes only now."""
+    trash = staging.with_name(staging.name + ".old")
+    if dst.exists():
+        os.replace(dst, trash)
+    os.replace(staging, dst)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def upload(path: Path, repo: str) -> None:
+    """Create (or reuse) the hub model repo and upload the converted directory."""
+    api = HfApi()
+    api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
+    api.upload_folder(folder_path=str(path), repo_id=repo, repo_type="model")
+    print(f"[INFO] Uploaded to https://huggingface.co/{repo}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not argparse's usage block, so scripts can show it as is."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def configure_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m mlx_diffusiongemma.convert",
+        description="Convert a Hugging Face DiffusionGemma checkpoint to MLX (mlx-community layout).",
+    )
+    parser.add_argument("--hf-path", "--model", required=True, help="Local directory or Hugging Face repo id.")
+    parser.add_argument("--mlx-path", default="mlx_model", help="Output directory (default: mlx_model).")
+    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the model.")
+    parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="Bits of the experts and "
+                        "self-conditioning (default 4; 8 for mxfp8). The other modules stay at 8 bits.")
+    parser.add_argument("--q-group-size", type=int, choices=[32, 64],  # 128 does not divide 704 (experts)
+                        help="Group size for affine mode (default 64); mxfp4/mxfp8 use 32, nvfp4 16.")
+    parser.add_argument("--q-mode", choices=["affine", "mxfp4", "mxfp8", "nvfp4"], help="Quantization mode "
+                        "(default affine).")
+    parser.add_argument("--quant-predicate", choices=sorted(RECIPES), help="Which modules get which setting: "
+                        "mlx-community (default) keeps embeddings, attention, dense MLP and router at 8 bits.")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                        help="dtype of the unquantized weights and scales (default: the checkpoint's).")
+    parser.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_SHARD_GB,
+                        help=f"Largest output shard in GiB (default {DEFAULT_SHARD_GB:g}).")
+    parser.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
+    parser.add_argument("--force", action="store_true", help="Replace a non-empty --mlx-path (at the very end).")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = configure_parser()
+    args = parser.parse_args(argv)
+    q_options = ("q_bits", "q_group_size", "q_mode", "quant_predicate")
+    if not args.quantize and any(getattr(args, k) is not None for k in q_options):
+        parser.error("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q/--quantize")
+    options = {k: v for k, v in vars(args).items() if v is not None}
+    # SIGTERM as an exception, so `convert` removes its temporary directory on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    try:
+        convert(**options)
+    except (OSError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""`python -m mlx_diffusiongemma.convert`: round trips through `load_model` (logits
+bit-identical to quantizing in memory), output layout, safety (refusal, --force,
+interrupted runs) and the hub upload, with the hub client replaced."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from reference import build_reference, save_reference
+
+from mlx_diffusiongemma import convert as convert_module
+from mlx_diffusiongemma import load, load_model, quantize
+from mlx_diffusiongemma.convert import convert, main
+from mlx_diffusiongemma.toy import write_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+VISION_KEY = "model.encoder.vision_tower.patch_embedder.input_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> Path:
+    """A tiny Hugging Face checkpoint with a tokenizer and chat template, as on the hub."""
+    path = save_reference(build_reference(seed=7), tmp_path_factory.mktemp("hf"))
+    write_tokenizer(path)
+    return path
+
+
+def logits(model) -> list:
+    rng = np.random.default_rng(0)
+    prompt, canvas = rng.integers(0, 320, 19).tolist(), rng.integers(0, 320, 12).tolist()
+    cache = model.make_cache()
+    model.encode(prompt, cache)
+    first = model.decode(canvas, cache)
+    return [np.array(first), np.array(model.decode(canvas, cache, self_conditioning_logits=first))]
+
+
+def assert_same_model(a, b):
+    """Bit-identical parameters (names, dtypes, values) and logits."""
+    pa, pb = dict(tree_flatten(a.parameters())), dict(tree_flatten(b.parameters()))
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert pa[k].dtype == pb[k].dtype and mx.array_equal(pa[k], pb[k]), k
+    for x, y in zip(logits(a), logits(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def siblings(path: Path) -> list:
+    """Everything next to `path` that a conversion into it may have left behind."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.lstrip(".").startswith(path.name))
+
+
+def run_cli(capsys, *argv) -> tuple:
+    """(exit code, stderr lines) of the CLI run in process."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+        sys.exit(0)
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "bits,mode,shard_gb",
+    [(4, "affine", 5.0), (8, "affine", 0.0004), (6, "affine", 5.0), (4, "mxfp4", 5.0), (8, "mxfp8", 5.0),
+     (4, "nvfp4", 5.0)],
+)
+def test_quantized_round_trip(hf, tmp_path, bits, mode, shard_gb):
+    out = convert(hf, tmp_path / "out", quantize=True, q_bits=bits, q_mode=mode, max_shard_size_gb=shard_gb)
+    in_memory = load_model(hf)
+    entries = quantize(in_memory, bits=bits, mode=mode)
+    assert_same_model(load_model(out), in_memory)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == config["quantization_config"] == entries
+    assert entries["group_size"] == {"affine": 64, "mxfp4": 32, "mxfp8": 32, "nvfp4": 16}[mode]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert (n > 1) == (shard_gb < 1)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    assert index["metadata"]["total_size"] == sum(v.nbytes for f in shards for v in mx.load(str(out / f)).values())
+
+    weights = {k: v for f in shards for k, v in mx.load(str(out / f)).items()}
+    layer = "model.decoder.layers.1"
+    assert weights[f"{layer}.self_attn.q_proj.weight"].shape[-1] == 64 * 8 // 32  # 8-bit, as in the recipe
+    assert weights[f"{layer}.experts.gate_up_proj.weight"].shape[-1] == 64 * bits // 32
+    for name in (f"{layer}.input_layernorm.weight", f"{layer}.layer_scalar", f"{layer}.router.scale"):
+        assert weights[name].dtype == mx.float32, name  # unquantized (packed weights are uint32)
+    assert VISION_KEY in weights and weights[VISION_KEY].dtype == mx.float32
+    assert not any(k.startswith("model.encoder.vision_tower.") and k.endswith(".scales") for k in weights)
+
+
+def test_bfloat16_round_trip(hf, tmp_path, capsys):
+    code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", tmp_path / "bf16", "--dtype", "bfloat16")
+    assert (code, err) == (0, [])
+    out = tmp_path / "bf16"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and config["dtype"] == "bfloat16"
+    weights = mx.load(str(out / "model-00001-of-00001.safetensors"))
+    assert {v.dtype for v in weights.values()} == {mx.bfloat16}
+    assert VISION_KEY in weights
+    with pytest.warns(UserWarning, match="float32"):  # the CPU runs unquantized experts in float32
+        converted = load_model(out)
+    with pytest.warns(UserWarning, match="float32"):
+        in_memory = load_model(hf, dtype="bfloat16")
+    assert_same_model(converted, in_memory)
+
+
+def test_output_files_and_model_card(hf, tmp_path):
+    out = convert(hf, tmp_path / "diffusiongemma-4bit", quantize=True)
+    for name in ["config.json", "generation_config.json", "model.safetensors.index.json", *TOKENIZER_FILES]:
+        assert (out / name).is_file(), name
+    for name in ["generation_config.json", *TOKENIZER_FILES]:
+        assert (out / name).read_bytes() == (hf / name).read_bytes(), name
+    (_, converted), (_, source) = load(out), load(hf)
+    messages = [{"role": "user", "content": "w1 w2"}]
+    rendered = converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == source.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<|turn>user" in rendered and converted.eos_token_ids == source.eos_token_ids
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: mlx" in card
+    assert "# diffusiongemma-4bit" in card and str(hf) in card
+    assert "mlx-community recipe: experts and self-conditioning 4-bit affine (group size 64)" in card
+    assert "router 8-bit affine (group size 64)" in card and "vision tower unquantized (float32)" in card
+    assert " GB in 1 safetensors shard" in card
+    assert f'python -m mlx_diffusiongemma.generate --model {out} --prompt "' in card
+    assert f'mlx_lm.generate --model {out} --prompt "' in card
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "force-over-old"])
+def test_failure_mid_stream_leaves_nothing(hf, tmp_path, monkeypatch, existing):
+    out, written = tmp_path / "out", []
+    if existing:
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+
+    def save_then_fail(path, tensors, metadata):
+        if written:
+            raise OSError("disk full")
+        written.append(path)
+        mx.save_safetensors(path, tensors, metadata=metadata)
+
+    monkeypatch.setattr(convert_module.mx, "save_safetensors", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        convert(hf, out, quantize=True, max_shard_size_gb=0.0004, force=existing)
+    assert written
+    assert siblings(out) == (["out"] if existing else [])
+    if existing:  # --force replaces the old output only once the new one is complete
+        assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_killed_conversion_leaves_nothing(hf, tmp_path):
+    """SIGTERM while shards are being written: the CLI removes its temporary directory."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from mlx_diffusiongemma import convert
+        save = convert.mx.save_safetensors
+        def save_and_stall(*args, **kwargs):
+            save(*args, **kwargs)
+            print("shard written", flush=True)
+            time.sleep(60)
+        convert.mx.save_safetensors = save_and_stall
+        sys.argv = ["convert", "--hf-path", {str(hf)!r}, "--mlx-path", {str(out)!r}, "-q",
+                    "--max-shard-size-gb", "0.0004"]
+        convert.main()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("shard written"):
+            assert len([p for p in tmp_path.iterdir() if p.name.startswith(".out.")]) == 1
+            proc.send_signal(signal.SIGTERM)
+            break
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert siblings(out) == []
+
+
+def test_refuses_non_empty_output_without_force(hf, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", out, "-q")
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: ") and str(out) in err[0] and "--force" in err[0]
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert siblings(out) == ["out"]
+
+
+def test_force_replaces_output(hf, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.safetensors").write_text("old")
+    code, _ = run_cli(capsys, "--hf-path", hf, "--mlx-path", out, "-q", "--q-bits", "8", "--force")
+    assert code == 0
+    assert not (out / "stale.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    assert siblings(out) == ["out"]
+
+
+def test_upload_calls_the_hub(hf, tmp_path, capsys, monkeypatch):
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            assert (Path(kwargs["folder_path"]) / "config.json").is_file()  # the finished output
+
+    monkeypatch.setattr(convert_module, "HfApi", FakeApi)
+    out = tmp_path / "out"
+    code, _ = run_cli(capsys, "--hf-path", hf, "--mlx-path", out, "-q", "--upload-repo", "me/dg-4bit")
+    assert code == 0
+    assert calls == [
+        ("create_repo", {"repo_id": "me/dg-4bit", "repo_type": "model", "exist_ok": True}),
+        ("upload_folder", {"folder_path": str(out), "repo_id": "me/dg-4bit", "repo_type": "model"}),
+    ]
+    assert "--model me/dg-4bit" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["--q-bits", "7"], ["--q-bits", "8"], ["--q-mode", "mxfp9", "-q"]],
+    ids=["unknown-flag", "bad-bits", "bits-without-q", "bad-mode"],
+)
+def test_usage_errors_exit_2_with_one_line(hf, tmp_path, capsys, argv):
+    code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", tmp_path / "out", *argv)
+    assert code == 2 and len(err) == 1 and "error:" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def _damage(hf, tmp_path, how) -> Path:
+    path = tmp_path / "damaged"
+    path.mkdir()
+    for f in hf.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    if how == "config":
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "model_type": "gemma4"}))
+    elif how == "truncated":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif how == "missing-weight":
+        weights = mx.load(str(path / "model.safetensors"))
+        del weights["model.decoder.layers.2.router.scale"]
+        mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return path
+
+
+@pytest.mark.parametrize(
+    "how,named",
+    [
+        ("missing-dir", "does not exist"),
+        ("config", "config.json"),
+        ("truncated", "model.safetensors"),
+        ("missing-weight", "model.decoder.layers.2.router.scale"),
+    ],
+)
+def test_bad_input_exits_1_with_one_line(hf, tmp_path, capsys, how, named):
+    src = tmp_path / "nowhere" if how == "missing-dir" else _damage(hf, tmp_path, how)
+    code, err = run_cli(capsys, "--hf-path", src, "--mlx-path", tmp_path / "out", "-q")
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: ") and named in err[0]
+    assert siblings(tmp_path / "out") == []
+
+
+def test_refuses_to_replace_the_source(hf, tmp_path, capsys):
+    for dst in (hf, hf.parent):
+        code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", dst, "--force")
+        assert code == 1 and "source checkpoint" in err[0]
+    assert (hf / "model.safetensors").is_file()
+
+
+def test_already_quantized_input_is_refused(hf, tmp_path, capsys):
+    first = convert(hf, tmp_path / "q4", quantize=True)
+    code, err = run_cli(capsys, "--hf-path", first, "--mlx-path", tmp_path / "again", "-q")
+    assert code == 1 and "already quantized" in err[0]
