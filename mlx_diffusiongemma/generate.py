@@ -28,6 +28,7 @@ from .sampling import (
     renoise,
 )
 
+PREFILL_STEP_SIZE = 2048  # mlx-lm's default
 ACCEPTANCE = {"entropy_bound": EntropyBoundAcceptance, "confidence": ConfidenceAcceptance}
 
 
@@ -242,7 +243,12 @@ def stream_diffusion_generate(
 
     start = time.perf_counter()
     cache = model.make_cache()
-    model.encode(prompt, cache)
+    # Prefill as mlx-lm's generate_step does: chunks of 2048, then the last token
+    # alone. mlx_lm.generate driving our model then builds a bit-identical cache,
+    # and so (same seed) the same text.
+    if prompt.size > 1:
+        model.encode(prompt[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
+    model.encode(prompt[-1:], cache)
     prompt_time = time.perf_counter() - start
 
     sequence, tokens, passes, finish_reason = [], [], 0, "length"

@@ -103,8 +103,8 @@ class ReplayedDecoder:
     def make_cache(self):
         return self.model.make_cache()
 
-    def encode(self, ids, cache):
-        self.model.encode(ids, cache)
+    def encode(self, ids, cache, **kwargs):
+        self.model.encode(ids, cache, **kwargs)
 
     def decode(self, canvas, cache, self_conditioning_logits=None):
         i = len(self.canvases)

@@ -30,12 +30,12 @@ class ScriptedModel:
     def make_cache(self):
         return []
 
-    def encode(self, ids, cache):
+    def encode(self, ids, cache, chunk_size=512):
         self.encoded.append(np.array(ids).ravel().tolist())
 
     def decode(self, canvas, cache, self_conditioning_logits=None):
         self.decoded.append(np.array(canvas).ravel().tolist())
-        target = self.script[len(self.encoded) - 1]
+        target = self.script[len(self.encoded) - 2]
         return 30.0 * (mx.arange(V) == target[:, None]).astype(mx.float32)[None]
 
 
@@ -49,7 +49,8 @@ def test_eos_stops_and_truncates():
     r = _run(model, eos_token_id=1, pad_token_id=0, max_tokens=18)
     assert r.tokens == [5, 6, 7, 8, 9, 10, 11] and r.finish_reason == "stop"
     assert r.canvases == 2 and r.denoising_steps == 4  # two steps per canvas: stable and confident
-    assert model.encoded == [[3, 4, 5], [5, 6, 7, 8, 9, 10]]  # the prompt, then the first canvas; never the last
+    # the prompt (its last token alone, as mlx-lm prefills), then the first canvas; never the last
+    assert model.encoded == [[3, 4], [5], [5, 6, 7, 8, 9, 10]]
     assert r.tokens_per_forward == pytest.approx(8 / 4)  # the reference counts eos, not the padding after it
     assert r.prompt_tokens == 3 and r.generation_tokens == 7
 
@@ -146,11 +147,12 @@ def test_streaming_yields_drafts_while_working(chat_checkpoint):
     model, tokenizer = load(chat_checkpoint)
     encodes = []
     model_encode = model.encode
-    model.encode = lambda ids, cache: (encodes.append(len(np.array(ids).ravel())), model_encode(ids, cache))
+    model.encode = lambda ids, cache, **kw: (encodes.append(len(np.array(ids).ravel())), model_encode(ids, cache, **kw))
     events = stream_diffusion_generate(model, tokenizer, "hello world", seed=0, max_tokens=24, max_denoising_steps=3,
                                        eos_token_id=[])
     first = next(events)
-    assert isinstance(first, Draft) and encodes == [len(render_prompt(tokenizer, "hello world"))]  # only the prompt
+    prompt_length = len(render_prompt(tokenizer, "hello world"))
+    assert isinstance(first, Draft) and encodes == [prompt_length - 1, 1]  # only the prompt so far
     assert first.step == 1 and first.accepted >= 1 and first.mean_entropy > 0 and len(first.tokens) == 12
     assert first.text == tokenizer.decode(first.tokens)
     rest = list(events)

@@ -1,0 +1,199 @@
+"""mlx-lm drives DiffusionGemma unchanged: `mlx_lm.load`, `mlx_lm.generate`,
+`mlx_lm.chat`, `mlx_lm.server` and the prompt-cache helpers, through the
+import hook this package installs (mlx_diffusiongemma.pth)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+from mlx_diffusiongemma import Model, diffusion_generate, load
+from mlx_diffusiongemma.generate import DiffusionResponse
+from mlx_diffusiongemma.toy import token_id
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "why is the sky blue"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hook_installed():
+    assert "_mlx_diffusiongemma_hook" in sys.modules, (
+        "the mlx-lm hook is not active: install the package (pip install -e .) so mlx_diffusiongemma.pth runs"
+    )
+
+
+def _ours(path, prompt_ids, seed, max_tokens, seed_before_load=False):
+    """Our generate with mlx's global seed set where the mlx-lm tool sets it:
+    the CLIs seed before loading (loading draws the initial weights), the
+    server per request."""
+    if seed_before_load:
+        mx.random.seed(seed)
+    model, tokenizer = load(path)
+    if not seed_before_load:
+        mx.random.seed(seed)
+    return model, tokenizer, diffusion_generate(model, tokenizer, prompt_ids, max_tokens=max_tokens)
+
+
+def _run(args, **kwargs):
+    result = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_load_returns_our_model_and_caches_round_trip(chat_checkpoint, tmp_path):
+    model, tokenizer = mlx_lm.load(str(chat_checkpoint))
+    assert isinstance(model, Model) and hasattr(model, "diffusion_generate")
+    assert tokenizer.eos_token_ids == {1, 4}
+    cache = make_prompt_cache(model)
+    model.encode(list(range(5, 20)), cache)
+    canvas = list(range(20, 32))
+    expected = np.array(model.decode(canvas, cache))
+    save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+    restored = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+    np.testing.assert_array_equal(np.array(model.decode(canvas, restored)), expected)
+
+
+def test_stream_generate_matches_diffusion_generate(chat_checkpoint):
+    mx.random.seed(3)
+    model, tokenizer = mlx_lm.load(str(chat_checkpoint))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        enable_thinking=False)
+    mx.random.seed(3)
+    theirs = [r.token for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=30)]
+    _, _, ours = _ours(chat_checkpoint, ids, 3, 30)
+    assert theirs[: len(ours.tokens)] == ours.tokens
+    if ours.finish_reason == "stop":
+        assert theirs[len(ours.tokens)] in tokenizer.eos_token_ids
+    else:
+        assert len(theirs) == 30
+
+
+def test_diffusion_generate_hook_streams_our_events(chat_checkpoint):
+    model, tokenizer = mlx_lm.load(str(chat_checkpoint))
+    events = list(model.diffusion_generate([2, 9, 16], tokenizer=tokenizer, seed=0, max_tokens=12,
+                                           max_denoising_steps=2))
+    assert isinstance(events[-1], DiffusionResponse) and events[-1].denoising_steps == 2
+
+
+def test_mlx_lm_generate_prints_our_text(chat_checkpoint):
+    args = ["--model", str(chat_checkpoint), "--prompt", PROMPT, "--seed", "1", "--max-tokens", "24"]
+    theirs = _run(["mlx_lm", "generate", *args, "--chat-template-config", '{"enable_thinking": false}'])
+    text = theirs.split("==========\n")[1].rstrip("\n")
+    _, tokenizer, ours = _ours(chat_checkpoint, _prompt_ids(chat_checkpoint), 1, 24, seed_before_load=True)
+    assert text == tokenizer.decode(ours.tokens)
+    assert _run(["mlx_diffusiongemma.generate", *args]).splitlines()[0] == ours.text
+
+
+def _prompt_ids(path):
+    _, tokenizer = mlx_lm.load(str(path))
+    return tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         enable_thinking=False)
+
+
+def test_mlx_lm_chat_two_turns(chat_checkpoint):
+    out = _run(["mlx_lm", "chat", "--model", str(chat_checkpoint), "--max-tokens", "12"],
+               input="hello\nwhy is the sky blue\nq\n")
+    assert out.count(" tokens · ") == 2  # one statistics line per answered turn
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(chat_checkpoint):
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(chat_checkpoint), "--host", "127.0.0.1",
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+            break
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _post(url, body) -> str:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read().decode()
+
+
+def _streamed_text(body: str, key) -> str:
+    chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    return "".join(key(c["choices"][0]) or "" for c in chunks)
+
+
+def test_server_completions_match_ours(server, chat_checkpoint):
+    # temperature 0: a sampling temperature would pick the same (one-hot) tokens but
+    # draw from the global random state between our draws. Three prompt tokens:
+    # with two, mlx-lm prefills a one-token chunk, which costs a canvas (see mlx_lm_model).
+    body = {"prompt": "hello world sky", "max_tokens": 12, "seed": 5, "temperature": 0.0}
+    text = json.loads(_post(f"{server}/v1/completions", body))["choices"][0]["text"]
+    _, tokenizer, ours = _ours(chat_checkpoint, [token_id("hello"), token_id("world"), token_id("sky")], 5, 12)
+    assert text == tokenizer.decode(ours.tokens)
+    streamed = _post(f"{server}/v1/completions", {**body, "stream": True})
+    assert _streamed_text(streamed, lambda c: c.get("text")) == text
+
+
+def test_server_chat_completions_streamed_and_not(server, chat_checkpoint):
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 12, "seed": 7, "temperature": 0.0,
+            "chat_template_kwargs": {"enable_thinking": False}}
+    reply = json.loads(_post(f"{server}/v1/chat/completions", body))
+    text = reply["choices"][0]["message"]["content"]
+    _, tokenizer, ours = _ours(chat_checkpoint, _prompt_ids(chat_checkpoint), 7, 12)
+    assert text == tokenizer.decode(ours.tokens) and reply["usage"]["completion_tokens"] >= len(ours.tokens)
+    streamed = _post(f"{server}/v1/chat/completions", {**body, "stream": True})
+    assert _streamed_text(streamed, lambda c: c.get("delta", {}).get("content")) == text
+
+
+def test_hook_is_inert_and_mlx_lm_untouched():
+    # A process that never asks for the model type imports nothing of ours, of mlx or of mlx-lm.
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sorted(m for m in sys.modules if m.startswith(('mlx', 'mlx_lm'))))"],
+        capture_output=True, text=True, cwd="/",
+    ).stdout
+    assert out.strip() == "[]"
+    # Every file of the installed mlx-lm still has the hash pip recorded, and mlx-lm has no diffusion_gemma module.
+    from importlib.metadata import distribution, distributions
+
+    changed = [
+        str(f) for f in distribution("mlx-lm").files
+        if f.hash is not None and _sha256(f.locate()) != f.hash.value
+    ]
+    assert changed == []
+    assert not any("diffusion_gemma" in str(f) for f in distribution("mlx-lm").files)
+    # The .pth is in our installed distribution's RECORD, so uninstalling removes it.
+    records = [d.read_text("RECORD") or "" for d in distributions() if d.metadata["Name"] == "mlx-diffusiongemma"]
+    assert any("mlx_diffusiongemma.pth," in record for record in records)
+
+
+def _sha256(path) -> str:
+    import base64
+    import hashlib
+
+    return base64.urlsafe_b64encode(hashlib.sha256(Path(path).read_bytes()).digest()).rstrip(b"=").decode()
