@@ -159,9 +159,9 @@ pip install mlx-diffusiongemma
 python -m mlx_diffusiongemma.generate --model {ref} --prompt "Why is the sky blue?"
 ```
 
-The layout is that of the mlx-community DiffusionGemma conversions (made by mlx-vlm),
-so tools that read those read this too, e.g. mlx-vlm (text and images) or, where its
-installed version supports `diffusion_gemma`, mlx-lm:
+With mlx-diffusiongemma installed, mlx-lm runs it too (`mlx_lm.chat` and `mlx_lm.server`
+as well). The layout is that of the mlx-community DiffusionGemma conversions (made by
+mlx-vlm), so mlx-vlm reads it (text and images):
 
 ```bash
 mlx_lm.generate --model {ref} --prompt "Why is the sky blue?"
@@ -215,6 +215,7 @@ def convert(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{src / 'config.json'}: {e}") from None
 
+    _add_global_head_dim(config)
     weights = load_safetensors(src)  # lazy: only the headers are read here
     check_weights(skeleton, skeleton.sanitize(weights), src)  # the loader's own checks, up front
     names = {old: new for new, old in skeleton.sanitize({k: k for k in weights}).items()}  # its renaming
@@ -284,6 +285,22 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         """One line, not argparse's usage block, so scripts can show it as is."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_global_head_dim(config: dict) -> None:
+    """Also write the full-attention override in the older `global_head_dim` /
+    `num_global_key_value_heads` form, which mlx-vlm reads (it ignores
+    `per_layer_config`). Our loader prefers `per_layer_config`."""
+    text = config.get("text_config") or {}
+    overrides = list((text.get("per_layer_config") or {}).values())
+    if not overrides or text.get("global_head_dim") is not None:
+        return
+    if any(o != overrides[0] for o in overrides):
+        return  # not expressible in the older form
+    if "head_dim" in overrides[0]:
+        text["global_head_dim"] = overrides[0]["head_dim"]
+    if "num_key_value_heads" in overrides[0]:
+        text["num_global_key_value_heads"] = overrides[0]["num_key_value_heads"]
 
 
 def configure_parser() -> argparse.ArgumentParser:

@@ -125,6 +125,9 @@ def test_output_files_and_model_card(hf, tmp_path):
     rendered = converted.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == source.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert "<|turn>user" in rendered and converted.eos_token_ids == source.eos_token_ids
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    full = next(iter(text["per_layer_config"].values()))  # both forms: ours and mlx-vlm's
+    assert (text["global_head_dim"], text["num_global_key_value_heads"]) == (full["head_dim"], full["num_key_value_heads"])
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: mlx" in card
