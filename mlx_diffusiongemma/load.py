@@ -19,6 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.switch_layers import SwitchLinear
+from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
@@ -31,9 +32,14 @@ _EIGHT_BIT_SUFFIXES = ("embed_tokens", "router.proj")
 _EIGHT_BIT_PARTS = (".self_attn.", ".mlp.")
 
 
+DEMO = "demo"  # the small model shipped inside the package (see demo.py)
+
+
 def resolve(path_or_repo: Union[str, Path]) -> Path:
-    """A local directory, or a hub repo id fetched (or found in the local cache)
-    with huggingface_hub, which honours HF_HUB_OFFLINE and HF_HUB_CACHE."""
+    """"demo", a local directory, or a hub repo id fetched (or found in the local
+    cache) with huggingface_hub, which honours HF_HUB_OFFLINE and HF_HUB_CACHE."""
+    if str(path_or_repo) == DEMO and not Path(DEMO).exists():
+        return Path(__file__).parent / "demo_model"
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -216,10 +222,15 @@ def _eos_token_ids(path: Path, config: dict) -> list:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def load(path_or_repo: Union[str, Path], dtype=None):
-    """(model, tokenizer), the tokenizer in mlx-lm's TokenizerWrapper."""
+def load(path_or_repo: Union[str, Path], dtype=None, adapter_path: Optional[Union[str, Path]] = None):
+    """(model, tokenizer), the tokenizer in mlx-lm's TokenizerWrapper; LoRA
+    adapters (as `python -m mlx_diffusiongemma.train --lora-rank` saves them,
+    in mlx-lm's adapter format) are applied when `adapter_path` is given."""
     path = resolve(path_or_repo)
     model = load_model(path, dtype=dtype)
+    if adapter_path is not None:
+        load_adapters(model, str(adapter_path))
+        model.eval()
     tokenizer = load_tokenizer(path, eos_token_ids=_eos_token_ids(path, load_config(path)))
     return model, tokenizer
 

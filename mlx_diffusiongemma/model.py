@@ -397,10 +397,13 @@ class Model(nn.Module):
         """
         ids = _token_batch(token_ids)
         for start in range(0, ids.shape[1], chunk_size):
-            self._encode_chunk(ids[:, start : start + chunk_size], cache)
+            self.encode_chunk(ids[:, start : start + chunk_size], cache)
             mx.eval([c.state for c in cache])
 
-    def _encode_chunk(self, ids: mx.array, cache: list) -> None:
+    def encode_chunk(self, ids: mx.array, cache: list) -> mx.array:
+        """One encoder pass appending `ids` [B, L] to the cache, nothing
+        evaluated (training differentiates through it); returns the last
+        hidden states, before the final norm."""
         h = self._embed(ids)
         L = ids.shape[1]
         window = self.args.sliding_window
@@ -409,7 +412,9 @@ class Model(nn.Module):
             sliding = kind == "sliding_attention"
             mask = c.make_mask(L, return_array=False, window_size=window if sliding else None)
             h = layer(h, c, mask, commit=True, layer_scalar=scalar.layer_scalar)
-        # The encoder's final norm and head feed nothing: the cache is its output.
+        # In generation the cache is the encoder's output; training's optional
+        # autoregressive loss reads h through the shared final norm and head.
+        return h
 
     def decode(self, canvas_ids, cache: list, self_conditioning_logits: Optional[mx.array] = None) -> mx.array:
         """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
@@ -428,8 +433,12 @@ class Model(nn.Module):
         h = decoder.self_conditioning(h, soft)
         for layer, c in zip(self.layers, cache):
             h = layer(h, c, None, commit=False, layer_scalar=layer.layer_scalar)
-        h = decoder.norm(h)
-        logits = decoder.embed_tokens.as_linear(h).astype(mx.float32)
+        return self.head(h)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm, tied lm_head, float32 tanh softcap."""
+        decoder = self.model.decoder
+        logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
         return logit_softcap(self.args.final_logit_softcapping, logits)
 
     def sanitize(self, weights: dict) -> dict:

@@ -18,7 +18,7 @@ def chat_checkpoint(tmp_path_factory):
     """A random reference checkpoint with the toy tokenizer, chat template and generation config."""
     from reference import build_reference, save_reference
 
-    from mlx_diffusiongemma.toy import write_tokenizer
+    from tiny_tokenizer import write_tokenizer
 
     path = save_reference(build_reference(seed=3), tmp_path_factory.mktemp("chat"))
     write_tokenizer(path)

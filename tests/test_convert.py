@@ -19,7 +19,7 @@ from reference import build_reference, save_reference
 from mlx_diffusiongemma import convert as convert_module
 from mlx_diffusiongemma import load, load_model, quantize
 from mlx_diffusiongemma.convert import convert, main
-from mlx_diffusiongemma.toy import write_tokenizer
+from tiny_tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.utils import load_tokenizer
-from mlx_diffusiongemma.toy import token_id
+from tiny_tokenizer import token_id
 
 from mlx_diffusiongemma import Randomness, diffusion_generate, load, stream_diffusion_generate
 from mlx_diffusiongemma.chat import render_prompt, split_thinking

@@ -8,7 +8,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from reference import build_reference, save_reference
 
 from mlx_diffusiongemma import load, load_model
-from mlx_diffusiongemma.toy import token_id, write_tokenizer
+from tiny_tokenizer import token_id, write_tokenizer
 
 
 def test_load_returns_model_and_tokenizer(tmp_path):

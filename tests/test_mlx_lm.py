@@ -19,7 +19,7 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 
 from mlx_diffusiongemma import Model, diffusion_generate, load
 from mlx_diffusiongemma.generate import DiffusionResponse
-from mlx_diffusiongemma.toy import token_id
+from tiny_tokenizer import token_id
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "why is the sky blue"

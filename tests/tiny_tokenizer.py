@@ -1,20 +1,9 @@
-"""A toy checkpoint: random weights at toy size and a word-level tokenizer
-with Gemma 4's special tokens and turn-format chat template (`<|think|>` in the
-system turn when thinking is on).
+"""A small word-level tokenizer for the tests: Gemma 4's special tokens and a
+turn-format chat template written for the tests (`<|think|>` in the system turn
+when thinking is on)."""
 
-It exercises the whole path (save, load, chat template, generate, CLI) with no
-network: the self-check and the tests use it. Its text is random words.
-"""
-
-import json
-from pathlib import Path
-
-import mlx.core as mx
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-
-from .load import save_model
-from .model import Model, ModelArgs
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>"]
 WORDS = ["thought", "user", "model", "system", "hello", "world", "sky", "blue", "why", "is", "the"]
@@ -53,26 +42,3 @@ def write_tokenizer(path, vocab_size: int = 320) -> None:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
 
-
-TOY_CONFIG = {
-    "model_type": "diffusion_gemma",
-    "canvas_length": 16,
-    "text_config": {
-        "hidden_size": 64, "num_hidden_layers": 6, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "global_head_dim": 32, "num_global_key_value_heads": 1, "sliding_window": 8,
-        "num_experts": 8, "top_k_experts": 2, "moe_intermediate_size": 64, "vocab_size": 320,
-        "max_position_embeddings": 4096,
-    },
-}
-
-
-def write_toy_checkpoint(path, seed: int = 0) -> Path:
-    """A random toy model with tokenizer and generation_config.json in a fresh directory."""
-    mx.random.seed(seed)
-    model = Model(ModelArgs.from_dict(TOY_CONFIG))
-    path = save_model(model, path, TOY_CONFIG)
-    write_tokenizer(path, TOY_CONFIG["text_config"]["vocab_size"])
-    eos = [token_id("<eos>"), token_id("<turn|>")]
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "pad_token_id": 0}))
-    return path
