@@ -5,6 +5,7 @@ import json
 import random
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -12,7 +13,7 @@ from mlx.utils import tree_flatten
 from mlx_diffusiongemma import load, save_model
 from mlx_diffusiongemma.demo import prompt_ids, write_tokenizer
 from mlx_diffusiongemma.model import Model, ModelArgs
-from mlx_diffusiongemma.train import Batches, TrainingArgs, evaluate, main, make_blocks, train
+from mlx_diffusiongemma.train import Batches, TrainingArgs, evaluate, loss_fn, main, make_blocks, train
 
 TINY = {
     "model_type": "diffusion_gemma",
@@ -139,3 +140,19 @@ def test_command_line_trains_from_scratch(setup, tmp_path, capsys):
     assert "4/4 loss" in capsys.readouterr().out
     model, tokenizer = load(tmp_path / "out")
     assert model.args.hidden_size == 32 and tokenizer.eos_token_ids == {1}
+
+
+def test_autoregressive_loss_reaches_the_encoder(setup):
+    _, tokenizer = setup
+    mx.random.seed(2)
+    model = Model(ModelArgs.from_dict(TINY))
+    context, block = next(Batches(_blocks(tokenizer, _reverse_task(20, 0)), 4, seed=0))
+    noisy = mx.random.randint(0, 14, block.shape)
+    plain = loss_fn(model, context, block, noisy, None, 0.0)
+    with_ar = loss_fn(model, context, block, noisy, None, 1.0)
+    assert with_ar.item() > plain.item()
+    # the encoder's own layer scalars get a gradient only through the cache; the AR term adds to it
+    grads = [dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, context, block, noisy, None, w)[1]))
+             for w in (0.0, 1.0)]
+    key = "model.encoder.language_model.layers.0.layer_scalar"
+    assert not np.allclose(np.array(grads[0][key]), np.array(grads[1][key]))
