@@ -23,6 +23,7 @@ import mlx.core as mx
 from huggingface_hub import HfApi, ModelCardData
 from mlx_lm.utils import save_config
 
+from .cli import ArgumentParser
 from .load import (
     RECIPES,
     _as_dtype,
@@ -281,12 +282,6 @@ def upload(path: Path, repo: str) -> None:
     print(f"[INFO] Uploaded to https://huggingface.co/{repo}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, not argparse's usage block, so scripts can show it as is."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _add_global_head_dim(config: dict) -> None:
     """Also write the full-attention override in the older `global_head_dim` /
     `num_global_key_value_heads` form, which mlx-vlm reads (it ignores
@@ -304,7 +299,7 @@ def _add_global_head_dim(config: dict) -> None:
 
 
 def configure_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = ArgumentParser(
         prog="python -m mlx_diffusiongemma.convert",
         description="Convert a Hugging Face DiffusionGemma checkpoint to MLX (mlx-community layout).",
     )

@@ -10,7 +10,6 @@ The prompt is 3 to 8 digits; the chat template renders it as
 `<bos>digits=` and the answer is the digits sorted, then eos.
 """
 
-import argparse
 import json
 import random
 import shutil
@@ -20,6 +19,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from .cli import ArgumentParser
 
 DEMO_DIR = Path(__file__).parent / "demo_model"
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
@@ -130,7 +131,7 @@ def install(checkpoint: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_diffusiongemma.demo")
+    parser = ArgumentParser(prog="python -m mlx_diffusiongemma.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the demo model and install it into the package")
     t.add_argument("--out", type=Path, default=Path("demo_checkpoint"))

@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import render_prompt, split_thinking
+from .cli import ArgumentParser
 from .load import load
 from .sampling import (
     ConfidenceAcceptance,
@@ -29,7 +30,7 @@ from .sampling import (
 )
 
 PREFILL_STEP_SIZE = 2048  # mlx-lm's default
-ACCEPTANCE = {"entropy_bound": EntropyBoundAcceptance, "confidence": ConfidenceAcceptance}
+ACCEPTANCE = ("entropy_bound", "confidence")
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,11 @@ class DiffusionOptions:
             raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE)}, got {self.acceptance!r}")
         if not 0 < self.min_confidence <= 1:
             raise ValueError(f"min_confidence must be in (0, 1], got {self.min_confidence!r}")
-        for name in ("eos_token_id", "pad_token_id"):
-            ids = getattr(self, name)
-            for token in (ids,) if name == "pad_token_id" and ids is not None else ids or ():
+        pad = () if self.pad_token_id is None else (self.pad_token_id,)
+        for name, ids in (("eos_token_id", self.eos_token_id), ("pad_token_id", pad)):
+            for token in ids:
                 if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token < vocab_size:
-                    raise ValueError(f"{name} must hold token ids in [0, {vocab_size}), got {ids!r}")
+                    raise ValueError(f"{name} must hold token ids in [0, {vocab_size}), got {getattr(self, name)!r}")
 
     def make_acceptance(self):
         if self.acceptance == "confidence":
@@ -187,7 +188,8 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
         accepted, kept = acceptance(canvas, denoised, processed, token_entropy)
         canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
         done = stopping(argmax, token_entropy)
-        self_conditioning = processed.astype(model.dtype)
+        # the reference casts to the embedding dtype; a same-dtype astype would copy V floats per position
+        self_conditioning = processed if processed.dtype == model.dtype else processed.astype(model.dtype)
         kept_count, mean_entropy = kept.sum(), token_entropy.mean()
         mx.eval(canvas, argmax, self_conditioning, done, kept_count, mean_entropy)
         yield argmax, kept_count.item(), mean_entropy.item()
@@ -261,9 +263,10 @@ def stream_diffusion_generate(
         steps = denoise_canvas(model, cache, canvas, opts, randomness, acceptance, stopping)
         for step, (argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
             passes += 1
-            yield Draft(index, step, argmax[0].tolist(), kept_count, mean_entropy, tokenizer)
+            draft = Draft(index, step, argmax[0].tolist(), kept_count, mean_entropy, tokenizer)
+            yield draft
 
-        committed = argmax[0].tolist()
+        committed = list(draft.tokens)  # a copy: the reference's padding must not reach the event
         eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
         room_left = opts.max_tokens - len(tokens)
         new = committed[: min(room_left, C if eos is None else eos)]
@@ -315,14 +318,9 @@ def diffusion_generate(model, tokenizer, prompt, **kwargs) -> DiffusionResponse:
     return event
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def setup_arg_parser() -> argparse.ArgumentParser:
     """mlx_lm.generate's flags where they make sense, plus the sampler's."""
-    p = _ArgumentParser(prog="python -m mlx_diffusiongemma.generate", description="Generate text with DiffusionGemma.")
+    p = ArgumentParser(prog="python -m mlx_diffusiongemma.generate", description="Generate text with DiffusionGemma.")
     p.add_argument("--model", required=True, help="local directory or Hugging Face repo")
     p.add_argument("--prompt", "-p", required=True, help="message to the model ('-' reads stdin)")
     p.add_argument("--system-prompt", default=None)
@@ -367,7 +365,7 @@ class _LiveCanvas:
             draft = ""
         else:
             draft = f"[{event.text}] step {event.step}, {event.accepted} accepted, entropy {event.mean_entropy:.2f}"
-        width = _terminal_width() - 1
+        width = shutil.get_terminal_size().columns - 1
         line = (self.committed + draft).replace("\n", " ")[-width:]
         self.stream.write(f"\r\033[K{line}")
         self.stream.flush()
@@ -375,10 +373,6 @@ class _LiveCanvas:
     def clear(self) -> None:
         self.stream.write("\r\033[K")
         self.stream.flush()
-
-
-def _terminal_width() -> int:
-    return shutil.get_terminal_size().columns
 
 
 def statistics_line(r: DiffusionResponse) -> str:

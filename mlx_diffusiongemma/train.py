@@ -26,7 +26,6 @@ Each choice and its reason:
   masks enter the encoder.
 """
 
-import argparse
 import json
 import random
 import shutil
@@ -44,6 +43,7 @@ from mlx_lm.models.cache import ConcatenateKVCache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_tokenizer
 
+from .cli import ArgumentParser
 from .load import load, load_config, load_model, save_model
 from .model import Model, ModelArgs
 
@@ -232,7 +232,7 @@ def encode_pairs(tokenizer, pairs: list, args: ModelArgs, eos: int) -> list:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlx_diffusiongemma.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m mlx_diffusiongemma.train", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
                         help="a checkpoint to fine-tune (LoRA) or continue, or a directory with config.json and a "
                              "tokenizer to train from scratch (--from-scratch)")
