@@ -112,11 +112,11 @@ class Model(DiffusionGemma):
         else:
             self.encode(ids, layers)
             tokens, start = self._hold(pending, canvas, [], 0, [])
-        if len(ids) > 1:  # prefill: nobody reads these logits
-            return mx.zeros((1, 1, self.args.vocab_size))
+        if len(ids) > 1:  # prefill: nobody reads these logits (broadcast, so never materialised)
+            return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (1, len(ids), self.args.vocab_size))
         if not tokens or layers[0].offset == start + len(tokens):
             tokens, start = self._next_canvas(layers, pending, canvas)
-        logits = mx.full((1, 1, self.args.vocab_size), -mx.inf)
+        logits = mx.full((1, 1, self.args.vocab_size), -mx.inf, self.dtype)
         logits[..., tokens[layers[0].offset - start]] = 0.0
         return logits
 

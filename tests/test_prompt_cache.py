@@ -8,7 +8,6 @@ with an uninterrupted run of the same seed; the model is a random reference
 checkpoint, so any context lost or misplaced changes the tokens."""
 
 import copy
-import json
 
 import mlx.core as mx
 import mlx_lm
@@ -23,22 +22,16 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
     trim_prompt_cache,
 )
-from reference import build_reference, save_reference
-
 from mlx_diffusiongemma import load_model
-from tiny_tokenizer import write_tokenizer
 
 PROMPT = [2, 9, 16, 30, 41, 5, 77]
 TOTAL = 36  # three canvases of 12
 
 
 @pytest.fixture(scope="module")
-def wide_window(tmp_path_factory):
+def wide_window(wide_checkpoint):
     """Sliding window 64: the whole run fits in it, so every cache can be trimmed."""
-    path = save_reference(build_reference(seed=4, sliding_window=64), tmp_path_factory.mktemp("wide"))
-    write_tokenizer(path)
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1], "pad_token_id": 0}))
-    return mlx_lm.load(str(path))[0]
+    return mlx_lm.load(str(wide_checkpoint))[0]
 
 
 @pytest.fixture(scope="module")
