@@ -20,13 +20,15 @@ The cache invariant mlx-lm relies on (its server's prompt cache, trimming,
 saving, deep copies): once its loop has fed n tokens, the cache describes
 exactly those n tokens. So the canvas being handed out is part of the cache:
 `make_cache` adds, after the layer caches, one entry per layer holding the
-keys and values that layer will receive for the canvas tokens not yet fed
-back (computed in one encoder pass when the canvas is denoised, as the
-reference commits a canvas), and one entry holding those tokens and their
-positions. A token fed back at its position is written into the layer caches
-from there: no encoder pass, and the same keys and values a whole-canvas
-commit writes. Anything else fed (a prompt, the next chat turn, a token
-after a trim) drops the rest of the canvas and is encoded as context.
+keys and values of the canvas tokens (computed in one encoder pass when the
+canvas is denoised, as the reference commits a canvas), and one entry holding
+those tokens and their positions. Canvas tokens fed back at their positions
+are written into the layer caches from there: no encoder pass, and the same
+keys and values a whole-canvas commit writes. The last two canvases are
+held, so trimming back into them (mlx-lm's server trims one token and feeds
+it again) and feeding the same tokens continues the text. Anything else fed
+(a prompt, the next chat turn) is encoded as context, the held canvases are
+dropped, and the next canvas is denoised after it, as a fresh request would.
 
 mlx-lm prefills a prompt in chunks whose logits it ignores and then feeds the
 last prompt token alone to get the first generated token. So a call that
@@ -58,13 +60,13 @@ def _entry(keys: mx.array, values: mx.array) -> ConcatenateKVCache:
 
 
 def _canvas_entry(tokens: list, start: int) -> ConcatenateKVCache:
-    """The canvas tokens not yet fed back ([1, 1, n, 1]) and their positions."""
+    """Canvas tokens the cache holds ([1, 1, n, 1]) and their positions."""
     tokens = mx.array(tokens, dtype=mx.int32).reshape(1, 1, -1, 1)
     return _entry(tokens, start + mx.arange(tokens.shape[2], dtype=mx.int32).reshape(tokens.shape))
 
 
 def _canvas(entry: ConcatenateKVCache) -> tuple:
-    """(tokens, position of the first) of the canvas being handed out."""
+    """(tokens, position of the first) of the canvas tokens the cache holds."""
     tokens, positions = entry.state
     if tokens.shape[2] == 0:
         return [], 0
@@ -111,8 +113,8 @@ class Model(DiffusionGemma):
             mx.eval([c.state for c in layers])
         else:
             self.encode(ids, layers)
-            tokens, start = self._hold(pending, canvas, [], 0, [])
-        if len(ids) > 1:  # prefill: nobody reads these logits (broadcast, so never materialised)
+            tokens, start = self._hold(pending, canvas, [], 0)
+        if len(ids) > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
             return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (1, len(ids), self.args.vocab_size))
         if not tokens or layers[0].offset == start + len(tokens):
             tokens, start = self._next_canvas(layers, pending, canvas)
@@ -154,14 +156,13 @@ class Model(DiffusionGemma):
         ]
         return self._hold(pending, canvas, kept + new, layers[0].offset - len(kept), rows)
 
-    def _hold(self, pending, canvas, tokens: list, start: int, rows: list) -> tuple:
+    def _hold(self, pending, canvas, tokens: list, start: int, rows=None) -> tuple:
         """Make `tokens` (from position `start`, with their keys and values per
-        layer) the canvas tokens the cache holds; none when `tokens` is empty."""
-        for layer, entry, kv in zip(self.layers, pending, rows or [None] * len(pending)):
-            if kv is None:
-                keys, values = entry.state
-                kv = (keys[..., :0, :], values[..., :0, :])
-            entry.state = kv
+        layer) the canvas tokens the cache holds; no rows: none held."""
+        if rows is None:
+            rows = [tuple(a[..., :0, :] for a in entry.state) for entry in pending]
+        for entry, keys_and_values in zip(pending, rows):
+            entry.state = keys_and_values
         canvas.state = _canvas_entry(tokens, start).state
         mx.eval([entry.state for entry in pending], canvas.state)
         return tokens, start
