@@ -47,13 +47,28 @@ def test_module_entry_point_reads_stdin(chat_checkpoint):
     assert result.stdout.splitlines()[-1].startswith("Prompt: ")
 
 
-@pytest.mark.parametrize("argv", [["--model", "x", "--prompt", "p", "--bogus"], ["--prompt", "p"], ["--model", "x", "--prompt", "p", "--seed", "one"]])
-def test_bad_flags_exit_2_with_one_line(argv, capsys):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--seed", "one"], "seed must be an integer in [0, 2**64), got 'one'"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**64), got -1"),
+        (["--seed", str(2**64)], f"seed must be an integer in [0, 2**64), got {2**64}"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    # the model "x" does not exist: these fail at parsing, before any loading
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        main(["--model", "x", "--prompt", "p", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "error:" in err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and message in err, err
+
+
+def test_missing_required_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "p"])
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
 
 
 def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):

@@ -117,6 +117,8 @@ def test_invalid_options_are_named(option, value, message):
         ([3] * 20, {}, ValueError, "does not fit the model's context of 24 tokens"),
         ([3], {"decoder_input_ids": [1, 2]}, ValueError, "decoder_input_ids must hold canvas_length=6 ids"),
         ([3], {"seed": 1, "randomness": Randomness(1)}, ValueError, "either seed or randomness"),
+        ([3], {"seed": -1}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+        ([3], {"seed": "1"}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got '1'"),
         ([3], {"temperature": 0.5}, TypeError, "unknown generation option"),
     ],
 )
