@@ -1,6 +1,7 @@
 """Quantization with the mlx-community recipe, save/reload round trips, and the
 real 26B configuration built without materializing a single weight."""
 
+import copy
 import json
 
 import mlx.core as mx
@@ -115,3 +116,44 @@ def test_missing_required_field_is_named(field):
         ModelArgs.from_dict({**REAL_CONFIG, "text_config": text})
     with pytest.raises(ValueError, match=field):  # null means unset
         ModelArgs.from_dict({**REAL_CONFIG, "text_config": {**text, field: None}})
+
+
+@pytest.mark.parametrize(
+    "where,field,value,message",
+    [
+        ("top", "canvas_length", None, "config has no canvas_length"),
+        ("top", "canvas_length", 0, "canvas_length must be an integer >= 1, got 0"),
+        ("top", "canvas_length", -4, "canvas_length must be an integer >= 1, got -4"),
+        ("text", "hidden_size", "128", "hidden_size must be an integer >= 1, got '128'"),
+        ("text", "num_hidden_layers", True, "num_hidden_layers must be an integer >= 1, got True"),
+        ("text", "moe_intermediate_size", 0, "moe_intermediate_size must be an integer >= 1, got 0"),
+        ("text", "sliding_window", 2.5, "sliding_window must be an integer >= 1, got 2.5"),
+        ("text", "max_position_embeddings", -1, "max_position_embeddings must be an integer >= 1, got -1"),
+        ("text", "top_k_experts", 129, r"top_k_experts \(129\) must not exceed num_experts \(128\)"),
+        ("text", "rms_norm_eps", "1e-6", "rms_norm_eps must be a finite number > 0, got '1e-6'"),
+        ("text", "final_logit_softcapping", 0, "final_logit_softcapping must be a finite number > 0, got 0"),
+    ],
+)
+def test_bad_config_values_are_named(where, field, value, message):
+    config = {**REAL_CONFIG, "text_config": dict(REAL_CONFIG["text_config"])}
+    section = config if where == "top" else config["text_config"]
+    section[field] = value
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_dict(config)
+    del section[field]
+    if field == "canvas_length":  # absent is as bad as null
+        with pytest.raises(ValueError, match="config has no canvas_length"):
+            ModelArgs.from_dict(config)
+
+
+def test_from_dict_leaves_the_config_unchanged():
+    text = {**REAL_CONFIG["text_config"], "layer_types": ["sliding_attention"] * 30,  # the last is forced to full
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5.0}}}
+    config = {**REAL_CONFIG, "text_config": text}
+    before = copy.deepcopy(config)
+    args = ModelArgs.from_dict(config)
+    assert args.layer_types[-1] == "full_attention"
+    args.rope_parameters["full_attention"]["rope_theta"] = 7.0
+    args.per_layer_config[5]["head_dim"] = 8
+    assert config == before
+    assert ModelArgs.from_dict(REAL_CONFIG).rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
