@@ -78,6 +78,7 @@ def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):
         (["--model", str(tmp_path / "missing"), "--prompt", "hi"], "missing"),
         (["--model", str(chat_checkpoint), "--prompt", ""], "prompt is empty"),
         (["--model", str(chat_checkpoint), "--prompt", "hi", "--t-max", "0.1"], "t_max must be greater than t_min"),
+        (["--model", "demo", "--prompt", "abc"], "does not know: 'a', 'b', 'c' (the single characters it knows: 0123456789=)"),
     ]
     for argv, message in cases:
         assert main(argv) == 1

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from mlx_diffusiongemma import load
-from mlx_diffusiongemma.demo import DEMO_DIR, problems, score
+from mlx_diffusiongemma.demo import DEMO_DIR, problems, score, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_demo_is_small():
     size = sum(f.stat().st_size for f in DEMO_DIR.iterdir())
     assert size <= 10 * 2**20, f"the embedded demo model takes {size / 2**20:.1f} MiB"
+
+
+def test_shipped_tokenizer_is_what_write_tokenizer_writes(tmp_path):
+    write_tokenizer(tmp_path)
+    for f in tmp_path.iterdir():
+        assert f.read_bytes() == (DEMO_DIR / f.name).read_bytes(), f.name
+    _, tokenizer = load("demo")
+    assert tokenizer.unk_token_id == 0  # declared, so unknown characters are refused
 
 
 def test_shipped_demo_solves_held_out_problems():

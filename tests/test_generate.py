@@ -10,6 +10,7 @@ from mlx_lm.utils import load_tokenizer
 from tiny_tokenizer import token_id
 
 from mlx_diffusiongemma import Randomness, diffusion_generate, load, stream_diffusion_generate
+from mlx_diffusiongemma import chat
 from mlx_diffusiongemma.chat import render_prompt, split_thinking
 from mlx_diffusiongemma.generate import Commit, DiffusionOptions, DiffusionResponse, Draft
 
@@ -180,3 +181,41 @@ def test_chat_template_and_thinking(chat_checkpoint):
     assert split_thinking(tokenizer, [channel, thought, why, close, sky, blue]) == ("why", "sky blue")
     assert split_thinking(tokenizer, [channel, thought, why, sky]) == ("why sky", "")  # still thinking
     assert split_thinking(tokenizer, [sky, blue]) == ("", "sky blue")
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from mlx_diffusiongemma.demo import DEMO_DIR
+
+    return load_tokenizer(DEMO_DIR)
+
+
+@pytest.mark.parametrize("prompt,unknown", [("abc", "'a', 'b', 'c'"), ("4a3 2a", "'a', ' '")])
+def test_unknown_characters_are_refused(demo_tokenizer, prompt, unknown):
+    message = rf"the prompt holds characters the tokenizer does not know: {unknown} \(the single characters it knows: 0123456789=\)$"
+    with pytest.raises(ValueError, match=message):
+        render_prompt(demo_tokenizer, prompt)
+    with pytest.raises(ValueError, match=message):
+        render_prompt(demo_tokenizer, prompt, use_chat_template=False)
+
+
+def test_known_text_and_the_unknown_token_itself_pass(demo_tokenizer, monkeypatch):
+    assert demo_tokenizer.unk_token_id == 0
+    assert render_prompt(demo_tokenizer, "4321") == [2, 7, 6, 5, 4, 13]  # <bos> 4 3 2 1 =
+    assert render_prompt(demo_tokenizer, "<pad>1") == [2, 0, 4, 13]  # typed on purpose
+    monkeypatch.setattr(chat, "SMALL_VOCABULARY", 10)  # a large vocabulary is not listed
+    with pytest.raises(ValueError, match=r"does not know: 'x'$"):
+        render_prompt(demo_tokenizer, "x")
+
+
+def test_unknown_combination_of_known_characters(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert render_prompt(tokenizer, "a b") == [1, 2]
+    with pytest.raises(ValueError, match=r"^the tokenizer does not know parts of the prompt \(it encodes them as <unk>\)"):
+        render_prompt(tokenizer, "a ab")
