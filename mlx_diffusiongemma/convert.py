@@ -11,6 +11,7 @@ safetensors are read: nothing in a checkpoint is unpickled or executed.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import mlx.core as mx
 from huggingface_hub import HfApi, ModelCardData
 from mlx_lm.utils import save_config
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, checked
 from .load import (
     RECIPES,
     _as_dtype,
@@ -170,6 +171,14 @@ mlx_lm.generate --model {ref} --prompt "Why is the sky blue?"
 """
 
 
+def check_shard_size(max_shard_size_gb) -> float:
+    """A shard limit of 0 or less would write one shard per tensor."""
+    value = max_shard_size_gb
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"max_shard_size_gb must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def _check_destination(dst: Path, force: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a directory")
@@ -197,6 +206,7 @@ def convert(
     output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
     `q_group_size` default as in mlx-lm (4 and 64; the float modes fix both).
     """
+    max_bytes = int(check_shard_size(max_shard_size_gb) * (1 << 30))
     dst = Path(mlx_path).expanduser()
     _check_destination(dst, force)
     if q_mode in MODE_BITS and q_bits not in (None, MODE_BITS[q_mode]):
@@ -241,7 +251,7 @@ def convert(
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
-        writer = _ShardWriter(staging, int(max_shard_size_gb * (1 << 30)))
+        writer = _ShardWriter(staging, max_bytes)
         total_parameters = 0
         for name in list(tensors):
             total_parameters += tensors[name].size
@@ -316,7 +326,7 @@ def configure_parser() -> argparse.ArgumentParser:
                         "mlx-community (default) keeps embeddings, attention, dense MLP and router at 8 bits.")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="dtype of the unquantized weights and scales (default: the checkpoint's).")
-    parser.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_SHARD_GB,
+    parser.add_argument("--max-shard-size-gb", type=checked(float, check_shard_size), default=DEFAULT_SHARD_GB,
                         help=f"Largest output shard in GiB (default {DEFAULT_SHARD_GB:g}).")
     parser.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
     parser.add_argument("--force", action="store_true", help="Replace a non-empty --mlx-path (at the very end).")

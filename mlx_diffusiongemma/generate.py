@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import render_prompt, split_thinking
-from .cli import ArgumentParser
+from .cli import ArgumentParser, checked
 from .load import load
 from .sampling import (
     ConfidenceAcceptance,
@@ -329,7 +329,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
     p.add_argument("--max-tokens", "-m", type=int, default=None, help="rounded up to whole canvases")
-    p.add_argument("--seed", type=_seed, default=None, help="an integer in [0, 2**64)")
+    p.add_argument("--seed", type=checked(int, check_seed), default=None, help="an integer in [0, 2**64)")
     p.add_argument("--verbose", type=_str2bool, default=True, help="live canvas and statistics (True/False)")
     g = p.add_argument_group("diffusion (defaults: the checkpoint's generation_config.json, then the reference)")
     g.add_argument("--max-denoising-steps", type=int, default=None)
@@ -343,17 +343,6 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-confidence", type=float, default=None, help="for --acceptance confidence")
     g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None, help="the first canvas's start")
     return p
-
-
-def _seed(value: str) -> int:
-    try:
-        seed = int(value)
-    except ValueError:
-        seed = value  # named as given
-    try:
-        return check_seed(seed)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _str2bool(value: str) -> bool:

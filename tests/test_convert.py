@@ -233,14 +233,29 @@ def test_upload_calls_the_hub(hf, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--bogus"], ["--q-bits", "7"], ["--q-bits", "8"], ["--q-mode", "mxfp9", "-q"]],
-    ids=["unknown-flag", "bad-bits", "bits-without-q", "bad-mode"],
+    "argv,message",
+    [
+        (["--bogus"], "unrecognized arguments"),
+        (["--q-bits", "7"], "invalid choice: 7"),
+        (["--q-bits", "8"], "need -q/--quantize"),
+        (["--q-mode", "mxfp9", "-q"], "invalid choice: 'mxfp9'"),
+        (["--max-shard-size-gb", "0"], "max_shard_size_gb must be a finite number > 0, got 0.0"),
+        (["--max-shard-size-gb", "-1"], "max_shard_size_gb must be a finite number > 0, got -1.0"),
+        (["--max-shard-size-gb", "big"], "max_shard_size_gb must be a finite number > 0, got 'big'"),
+    ],
+    ids=["unknown-flag", "bad-bits", "bits-without-q", "bad-mode", "zero-shard", "negative-shard", "word-shard"],
 )
-def test_usage_errors_exit_2_with_one_line(hf, tmp_path, capsys, argv):
+def test_usage_errors_exit_2_with_one_line(hf, tmp_path, capsys, argv, message):
     code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", tmp_path / "out", *argv)
-    assert code == 2 and len(err) == 1 and "error:" in err[0]
+    assert code == 2 and len(err) == 1 and "error:" in err[0] and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", [0, -1, float("inf"), "5"])
+def test_shard_size_must_be_positive(hf, tmp_path, size):
+    with pytest.raises(ValueError, match=rf"max_shard_size_gb must be a finite number > 0, got {size!r}"):
+        convert(hf, tmp_path / "out", max_shard_size_gb=size)
+    assert siblings(tmp_path / "out") == []
 
 
 def _damage(hf, tmp_path, how) -> Path:
