@@ -27,7 +27,7 @@ from .model import MODEL_TYPE, Model, ModelArgs
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
-# Modules the mlx-community recipe keeps at 8 bits whatever the chosen bits.
+# Modules the mlx-community recipe pins at 8 bits group 64 whatever the chosen setting.
 _EIGHT_BIT_SUFFIXES = ("embed_tokens", "router.proj")
 _EIGHT_BIT_PARTS = (".self_attn.", ".mlp.")
 
@@ -235,22 +235,20 @@ def load(path_or_repo: Union[str, Path], dtype=None, adapter_path: Optional[Unio
     return model, tokenizer
 
 
-def _recipe(path: str, module: nn.Module, bits: int, group_size: int, mode: str):
-    """The mlx-community recipe: embeddings, attention, dense MLP and router at
-    8 bits group 64; experts and self-conditioning at the chosen setting."""
+def mlx_community_recipe(path: str, module: nn.Module):
+    """The mlx-community recipe, in the form of mlx-lm's `quant_predicate`: a dict
+    pins a module's setting (embeddings, attention, dense MLP and router: 8 bits
+    group 64), True gives it the chosen one (experts, self-conditioning), False
+    leaves it unquantized. mlx-lm writes a config entry for each dict and none
+    for True; `quantization_plan` writes the same."""
     if not hasattr(module, "to_quantized"):
         return False
     if path.endswith(_EIGHT_BIT_SUFFIXES) or any(part in path for part in _EIGHT_BIT_PARTS):
         return {"group_size": 64, "bits": 8}
-    if ".experts." in path or ".self_conditioning." in path:
-        entry = {"group_size": group_size, "bits": bits}
-        if mode != "affine":
-            entry["mode"] = mode
-        return entry
-    return False
+    return ".experts." in path or ".self_conditioning." in path
 
 
-RECIPES = {"mlx-community": _recipe}
+RECIPES = {"mlx-community": mlx_community_recipe}
 
 
 def quantization_plan(
@@ -258,31 +256,30 @@ def quantization_plan(
 ):
     """What `quantize` does, decided without touching a weight: the `to_quantized`
     settings of each module the recipe quantizes, and the config's `quantization`
-    entries. `convert` streams with the same plan, so both write the same checkpoint."""
+    entries (the chosen setting, then every pinned module, as mlx-lm writes them).
+    `convert` streams with the same plan, so both write the same checkpoint."""
     if mode in ("mxfp4", "mxfp8"):
         group_size = 32
     elif mode == "nvfp4":
         group_size = 16
+    chosen = {"group_size": group_size, "bits": bits, "mode": mode}
     choose = RECIPES[recipe]
-    plan = {}
+    plan, pinned = {}, {}
     for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        entry = choose(path, module, bits, group_size, mode)
-        if entry:
-            plan[path] = entry
-    entries = {
-        path: entry
-        for path, entry in plan.items()
-        if (entry["bits"], entry["group_size"], entry.get("mode", "affine")) != (bits, group_size, mode)
-    }
-    return plan, {"group_size": group_size, "bits": bits, "mode": mode, **entries}
+        choice = choose(path, module)
+        if choice is True:
+            plan[path] = dict(chosen)
+        elif choice:
+            plan[path] = pinned[path] = choice
+    return plan, {**chosen, **pinned}
 
 
 def quantize(
     model: Model, bits: int = 4, group_size: int = 64, mode: str = "affine", recipe: str = "mlx-community"
 ) -> dict:
     """Quantize in place with the mlx-community recipe; returns the config's
-    `quantization` entries: the global setting plus an entry for each module
-    quantized otherwise. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
+    `quantization` entries: the chosen setting plus an entry for each module the
+    recipe pins. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
     plan, config = quantization_plan(model, bits, group_size, mode, recipe)
     nn.quantize(
         model,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -304,3 +305,56 @@ def test_already_quantized_input_is_refused(hf, tmp_path, capsys):
     first = convert(hf, tmp_path / "q4", quantize=True)
     code, err = run_cli(capsys, "--hf-path", first, "--mlx-path", tmp_path / "again", "-q")
     assert code == 1 and "already quantized" in err[0]
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(tmp_path_factory) -> Path:
+    """The same kind of checkpoint in bfloat16, its config as transformers 5 writes it (a top-level `dtype`)."""
+    import torch
+
+    path = save_reference(build_reference(seed=7).to(torch.bfloat16), tmp_path_factory.mktemp("hf-bf16"))
+    write_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config and "dtype" not in config["text_config"]
+    return path
+
+
+@pytest.mark.parametrize("source,mode", [("float32", "affine"), ("float32", "mxfp4"), ("bfloat16", "affine")])
+def test_mlx_lm_convert_uses_the_same_recipe(hf, hf_bf16, tmp_path, capsys, source, mode):
+    """`mlx_lm.convert -q` (which takes the recipe from `Model.quant_predicate`) and
+    our convert write the same config entries and, but for one case, the same weights.
+
+    The case: mlx-lm casts weights to the dtype it finds in `torch_dtype` or
+    `text_config.dtype`, not in transformers 5's top-level `dtype`. So for a
+    bfloat16 checkpoint with such a config it keeps what it loaded, and on the
+    CPU our loader loaded the unquantized experts as float32 (`_cast_for_cpu_experts`):
+    mlx-lm's affine expert scales and biases come out float32, ours bfloat16,
+    equal once rounded to bfloat16 (the packed weights are identical). With
+    `torch_dtype` set, on a GPU, in float32, or with mxfp4's uint8 scales,
+    everything is identical."""
+    src = hf if source == "float32" else hf_bf16
+    theirs, ours = tmp_path / "mlx-lm", tmp_path / "ours"  # mlx-lm refuses an existing --mlx-path
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(theirs), "-q",
+         "--q-mode", mode],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert run_cli(capsys, "--hf-path", src, "--mlx-path", ours, "-q", "--q-mode", mode) == (0, [])
+
+    config_theirs, config_ours = (json.loads((p / "config.json").read_text()) for p in (theirs, ours))
+    for key in ("quantization", "quantization_config"):
+        assert config_theirs[key] == config_ours[key]
+    pinned = {k for k, v in config_ours["quantization"].items() if isinstance(v, dict)}
+    # embeddings; per layer q/k/o (and v on the 2 sliding layers), the 3 dense MLP projections, the router
+    assert len(pinned) == 1 + 4 * 7 + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU's float32 expert cast, for the unquantized copies only
+        a, b = (dict(tree_flatten(load_model(p).parameters())) for p in (theirs, ours))
+    assert a.keys() == b.keys()
+    differ = {k for k in a if a[k].dtype != b[k].dtype or not mx.array_equal(a[k], b[k])}
+    cast_experts = source == "bfloat16" and mode == "affine" and mx.default_device() == mx.cpu
+    expected = {k for k in a if ".experts." in k and k.endswith((".scales", ".biases"))} if cast_experts else set()
+    assert differ == expected and (not cast_experts or len(expected) == 16)
+    for k in expected:
+        assert (a[k].dtype, b[k].dtype) == (mx.float32, mx.bfloat16) and mx.array_equal(a[k].astype(mx.bfloat16), b[k])

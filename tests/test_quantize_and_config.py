@@ -58,6 +58,10 @@ def test_recipe_bits_per_module(checkpoint):
     for path in (f"{layer}.experts.gate_up_proj", f"{layer}.experts.down_proj", "model.decoder.self_conditioning.up_proj"):
         assert modules[path].bits == 4 and path not in entries, path
     assert {"group_size": 64, "bits": 4, "mode": "affine"}.items() <= entries.items()
+    # as mlx-lm writes them: the pinned modules always, the chosen-setting ones never, even when both agree
+    eight = quantize(load_model(checkpoint), bits=8)
+    assert {k: v for k, v in eight.items() if isinstance(v, dict)} == {k: v for k, v in entries.items() if isinstance(v, dict)}
+    assert f"{layer}.experts.down_proj" not in eight and eight["bits"] == 8
     assert not isinstance(modules["model.decoder.norm"], nn.QuantizedLinear)
     params = dict(tree_flatten(model.parameters()))
     assert params[f"{layer}.layer_scalar"].dtype == mx.float32
