@@ -26,6 +26,7 @@ from mlx_lm.utils import save_config
 
 from .cli import ArgumentParser, checked
 from .load import (
+    GROUP_SIZES,
     RECIPES,
     _as_dtype,
     check_weights,
@@ -318,10 +319,9 @@ def configure_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the model.")
     parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="Bits of the experts and "
                         "self-conditioning (default 4; 8 for mxfp8). The other modules stay at 8 bits.")
-    parser.add_argument("--q-group-size", type=int, choices=[32, 64],  # 128 does not divide 704 (experts)
+    parser.add_argument("--q-group-size", type=int, choices=GROUP_SIZES["affine"],
                         help="Group size for affine mode (default 64); mxfp4/mxfp8 use 32, nvfp4 16.")
-    parser.add_argument("--q-mode", choices=["affine", "mxfp4", "mxfp8", "nvfp4"], help="Quantization mode "
-                        "(default affine).")
+    parser.add_argument("--q-mode", choices=list(GROUP_SIZES), help="Quantization mode (default affine).")
     parser.add_argument("--quant-predicate", choices=sorted(RECIPES), help="Which modules get which setting: "
                         "mlx-community (default) keeps embeddings, attention, dense MLP and router at 8 bits.")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],

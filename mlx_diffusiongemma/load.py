@@ -249,6 +249,7 @@ def mlx_community_recipe(path: str, module: nn.Module):
 
 
 RECIPES = {"mlx-community": mlx_community_recipe}
+GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,), "mxfp8": (32,), "nvfp4": (16,)}  # what mx.quantize takes
 
 
 def quantization_plan(
@@ -258,20 +259,47 @@ def quantization_plan(
     settings of each module the recipe quantizes, and the config's `quantization`
     entries (the chosen setting, then every pinned module, as mlx-lm writes them).
     `convert` streams with the same plan, so both write the same checkpoint."""
-    if mode in ("mxfp4", "mxfp8"):
-        group_size = 32
-    elif mode == "nvfp4":
-        group_size = 16
+    if mode not in GROUP_SIZES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(GROUP_SIZES)}")
+    if mode != "affine":
+        (group_size,) = GROUP_SIZES[mode]
+    elif group_size not in GROUP_SIZES[mode]:
+        raise ValueError(f"affine group size must be one of {', '.join(map(str, GROUP_SIZES[mode]))}, got {group_size!r}")
     chosen = {"group_size": group_size, "bits": bits, "mode": mode}
     choose = RECIPES[recipe]
-    plan, pinned = {}, {}
+    plan, pinned, misfits = {}, {}, []
     for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
         choice = choose(path, module)
         if choice is True:
             plan[path] = dict(chosen)
         elif choice:
             plan[path] = pinned[path] = choice
+        if choice and module.weight.shape[-1] % plan[path]["group_size"]:
+            misfits.append(path)
+    if misfits:
+        raise ValueError(_misfit_message(model, misfits, plan, pinned, recipe))
     return plan, {**chosen, **pinned}
+
+
+def _misfit_message(model: Model, misfits: list, plan: dict, pinned: dict, recipe: str) -> str:
+    """Quantization groups run along a weight's input dimension, which must be a
+    multiple of the group size: said before anything is written, rather than by
+    mx.quantize halfway through a conversion."""
+    path = misfits[0]
+    dim = dict(model.named_modules())[path].weight.shape[-1]
+    entry = plan[path]
+    head = (
+        f"cannot quantize {path}.weight"
+        + (f" (and {len(misfits) - 1} more weight(s))" if len(misfits) > 1 else "")
+        + f": its input dimension {dim} is not a multiple of group size {entry['group_size']}"
+    )
+    if path in pinned:
+        return f"{head}; the {recipe} recipe pins it at {entry['bits']} bits group size {entry['group_size']}, and no option changes that"
+    mode = entry["mode"]
+    fits = [str(g) for g in GROUP_SIZES[mode] if dim % g == 0]
+    if fits:
+        return f"{head}; {mode} group sizes that fit it: {', '.join(fits)}"
+    return f"{head}, and no {mode} group size ({', '.join(map(str, GROUP_SIZES[mode]))}) fits it"
 
 
 def quantize(

@@ -294,6 +294,20 @@ def test_bad_input_exits_1_with_one_line(hf, tmp_path, capsys, how, named):
     assert siblings(tmp_path / "out") == []
 
 
+def test_group_size_that_does_not_fit_is_refused_up_front(tmp_path, capsys):
+    src = save_reference(build_reference(seed=1, moe_intermediate_size=96), tmp_path / "hf")
+    out = tmp_path / "out"
+    capsys.readouterr()  # transformers' progress bar
+    code, err = run_cli(capsys, "--hf-path", src, "--mlx-path", out, "-q", "--q-bits", "4")
+    assert code == 1 and err == [
+        "error: cannot quantize model.decoder.layers.0.experts.down_proj.weight (and 3 more weight(s)): its input "
+        "dimension 96 is not a multiple of group size 64; affine group sizes that fit it: 32"
+    ]
+    assert siblings(out) == []
+    assert run_cli(capsys, "--hf-path", src, "--mlx-path", out, "-q", "--q-group-size", "32") == (0, [])
+    assert json.loads((out / "config.json").read_text())["quantization"]["group_size"] == 32
+
+
 def test_refuses_to_replace_the_source(hf, tmp_path, capsys):
     for dst in (hf, hf.parent):
         code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", dst, "--force")

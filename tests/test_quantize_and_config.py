@@ -161,3 +161,47 @@ def test_from_dict_leaves_the_config_unchanged():
     args.per_layer_config[5]["head_dim"] = 8
     assert config == before
     assert ModelArgs.from_dict(REAL_CONFIG).rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
+
+
+def _small(**text):
+    """A lazily built model (no weight evaluated) with two layers, one of each kind."""
+    base = {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"], "hidden_size": 128,
+            "intermediate_size": 128, "moe_intermediate_size": 64, "vocab_size": 100, "num_experts": 4,
+            "top_k_experts": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32,
+            "per_layer_config": {"1": {"head_dim": 64, "num_key_value_heads": 1}}}
+    return Model(ModelArgs.from_dict({**REAL_CONFIG, "text_config": {**REAL_CONFIG["text_config"], **base, **text}}))
+
+
+@pytest.mark.parametrize(
+    "model,options,message",
+    [
+        (lambda: Model(ModelArgs.from_dict(REAL_CONFIG)), {"group_size": 128},
+         r"^cannot quantize model\.decoder\.layers\.0\.experts\.down_proj\.weight \(and 30 more weight\(s\)\): its "
+         r"input dimension 704 is not a multiple of group size 128; affine group sizes that fit it: 32, 64$"),
+        (lambda: _small(moe_intermediate_size=48), {},
+         r"experts\.down_proj\.weight \(and 1 more weight\(s\)\): its input dimension 48 is not a multiple of group "
+         r"size 64, and no affine group size \(32, 64, 128\) fits it$"),
+        (lambda: _small(moe_intermediate_size=48), {"mode": "mxfp4"},
+         r"dimension 48 is not a multiple of group size 32, and no mxfp4 group size \(32\) fits it$"),
+        (lambda: _small(intermediate_size=96), {"group_size": 32},
+         r"^cannot quantize model\.decoder\.layers\.0\.mlp\.down_proj\.weight \(and 1 more weight\(s\)\): its input "
+         r"dimension 96 is not a multiple of group size 64; the mlx-community recipe pins it at 8 bits group size "
+         r"64, and no option changes that$"),
+        (lambda: _small(), {"group_size": 48}, r"^affine group size must be one of 32, 64, 128, got 48$"),
+        (lambda: _small(), {"mode": "fp4"}, r"^unknown quantization mode 'fp4'; choose one of affine, mxfp4"),
+    ],
+    ids=["real-128", "none-fits", "mxfp4", "pinned", "bad-group", "bad-mode"],
+)
+def test_group_size_misfits_are_named_before_quantizing(model, options, message):
+    model = model()
+    with pytest.raises(ValueError, match=message):
+        quantize(model, **options)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
+
+
+def test_a_fitting_group_size_quantizes():
+    model = _small(moe_intermediate_size=96)
+    with pytest.raises(ValueError, match="affine group sizes that fit it: 32$"):
+        quantize(model)
+    entries = quantize(model, group_size=32)
+    assert entries["group_size"] == 32 and model.model.decoder.layers[0].experts.down_proj.group_size == 32
