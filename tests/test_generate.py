@@ -100,6 +100,8 @@ def test_option_precedence():
         ("eos_token_id", [1, V], "eos_token_id must hold token ids in"),
         ("acceptance", "greedy", "acceptance must be one of"),
         ("min_confidence", 1.5, "min_confidence must be in"),
+        ("min_confidence", "high", r"min_confidence must be in \(0, 1\], got 'high'"),
+        ("t_max", float("inf"), "t_max must be a number >= 0, got inf"),
     ],
 )
 def test_invalid_options_are_named(option, value, message):
@@ -116,7 +118,7 @@ def test_invalid_options_are_named(option, value, message):
         ([[1, 2], [3, 4]], {}, ValueError, "1-D sequence of token ids"),
         ("hello", {}, ValueError, "a text prompt needs a tokenizer"),
         ([3] * 20, {}, ValueError, "does not fit the model's context of 24 tokens"),
-        ([3], {"decoder_input_ids": [1, 2]}, ValueError, "decoder_input_ids must hold canvas_length=6 ids"),
+        ([3], {"decoder_input_ids": [1, 2]}, ValueError, r"decoder_input_ids must hold exactly canvas_length=6 ids \(one whole canvas\), got 2"),
         ([3], {"seed": 1, "randomness": Randomness(1)}, ValueError, "either seed or randomness"),
         ([3], {"seed": -1}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
         ([3], {"seed": "1"}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got '1'"),
