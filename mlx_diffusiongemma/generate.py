@@ -403,20 +403,27 @@ def statistics_line(r: DiffusionResponse) -> str:
     )
 
 
-def main(argv=None) -> int:
+_OPTION_FLAGS = (
+    "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+    "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
+)
+
+
+def parse_args(argv=None) -> tuple:
+    """(parser, args), every check that needs no model done: a bad value is a
+    usage error (exit 2) before the model loads. Token ids are checked after."""
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-            "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
-        )
-    }
-    try:  # a usage error before the model loads; token ids are checked against it after
-        DiffusionOptions.check({k: v for k, v in options.items() if v is not None})
+    try:
+        DiffusionOptions.check({k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None})
     except ValueError as e:
         parser.error(str(e))
+    return parser, args
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    options = {name: getattr(args, name) for name in _OPTION_FLAGS}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() else None
     if args.seed is not None:
