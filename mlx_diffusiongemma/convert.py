@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -37,6 +36,7 @@ from .load import (
     resolve,
 )
 from .model import VISION_PREFIXES, Model, ModelArgs
+from .staging import staged
 
 # What mlx-lm and mlx-vlm read besides the weights and config.json.
 COPIED_FILES = (
@@ -202,9 +202,9 @@ def convert(
 ) -> Path:
     """Convert `hf_path` (a directory or hub repo id) into `mlx_path`.
 
-    Everything is written to a temporary sibling of `mlx_path` that replaces it
-    only once complete, so a failed or interrupted run leaves no (or the old)
-    output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
+    Everything is written to a hidden sibling of `mlx_path` that replaces it
+    only once complete (`staging.staged`), so a failed or interrupted run leaves
+    no (or the old) output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
     `q_group_size` default as in mlx-lm (4 and 64; the float modes fix both).
     """
     max_bytes = int(check_shard_size(max_shard_size_gb) * (1 << 30))
@@ -248,10 +248,8 @@ def convert(
                     section[key] = dtype
     description = _describe(quantization, kept_dtype)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
+    print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
+    with staged(dst) as staging:
         writer = _ShardWriter(staging, max_bytes)
         total_parameters = 0
         for name in list(tensors):
@@ -266,23 +264,10 @@ def convert(
         if not {"tokenizer.json", "tokenizer.model"} & set(copied):
             print(f"[WARN] {src} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
         (staging / "README.md").write_text(_model_card(str(hf_path), dst, upload_repo, description, index))
-        _replace(dst, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"[INFO] Wrote {dst}: {index['metadata']['total_size'] / 1e9:.2f} GB in {len(writer.files)} shard(s)")
     if upload_repo is not None:
         upload(dst, upload_repo)
     return dst
-
-
-def _replace(dst: Path, staging: Path) -> None:
-    """Move the finished output into place; an old directory (--force) goes only now."""
-    trash = staging.with_name(staging.name + ".old")
-    if dst.exists():
-        os.replace(dst, trash)
-    os.replace(staging, dst)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def upload(path: Path, repo: str) -> None:

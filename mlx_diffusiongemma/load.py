@@ -7,9 +7,6 @@ mlx-vlm (quantized modules with `.scales` / `.biases`, per-module entries in
 
 import glob
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from types import MappingProxyType
@@ -24,6 +21,7 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
 from .model import MODEL_TYPE, Model, ModelArgs
+from .staging import staged
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
@@ -319,21 +317,18 @@ def quantize(
     return config
 
 
+def write_model(model: Model, directory: Path, config: dict) -> None:
+    """Weights (sharded, with index) and config.json, into an existing directory."""
+    save_weights(directory, model)
+    save_config(dict(config), directory / "config.json", keep_vision_config=True)
+
+
 def save_model(model: Model, path: Union[str, Path], config: dict) -> Path:
-    """Write weights (sharded, with index) and config.json into a fresh directory,
-    atomically: everything goes to a temporary sibling renamed at the end."""
+    """Write weights and config.json into a fresh directory, atomically (see
+    `staging.staged`); a non-empty `path` is refused."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_weights(staging, model)
-        save_config(dict(config), staging / "config.json", keep_vision_config=True)
-        if path.exists():
-            path.rmdir()
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged(path) as staging:
+        write_model(model, staging, config)
     return path

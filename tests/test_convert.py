@@ -5,6 +5,7 @@ interrupted runs) and the hub upload, with the hub client replaced."""
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -160,6 +161,16 @@ def test_failure_mid_stream_leaves_nothing(hf, tmp_path, monkeypatch, existing):
     assert siblings(out) == (["out"] if existing else [])
     if existing:  # --force replaces the old output only once the new one is complete
         assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_output_gets_the_umask(hf, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = convert(hf, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o640}
 
 
 def test_killed_conversion_leaves_nothing(hf, tmp_path):
