@@ -9,7 +9,6 @@ import glob
 import json
 import warnings
 from pathlib import Path
-from types import MappingProxyType
 from typing import Optional, Union
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
-from .model import MODEL_TYPE, Model, ModelArgs
+from .model import MODEL_TYPE, GenerationConfig, Model, ModelArgs
 from .staging import staged
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -195,7 +194,7 @@ def load_model(path_or_repo: Union[str, Path], dtype=None) -> Model:
     check_weights(model, weights, path)
     model.update(tree_unflatten(list(weights.items())))
     _cast_for_cpu_experts(model)
-    model.generation_config = MappingProxyType(load_generation_config(path))
+    model.generation_config = GenerationConfig(load_generation_config(path))
     mx.eval(model.parameters())
     model.eval()
     return model

@@ -13,25 +13,30 @@ Two ways in:
 - `model(inputs, cache)`: mlx-lm's autoregressive loop, unchanged. Asked for a
   next token, the model denoises a whole canvas against the cache (the
   reference sampler, random draws from mlx's global state, so `--seed` works),
-  then hands out the canvas one token per call with logits that make any
-  sampler pick exactly that token. The canvas is committed to the cache in one
-  piece once used up, as the reference commits it; if the caller feeds
-  something else (the next chat turn), the part handed out so far is
-  committed first and the new tokens are encoded as context.
+  then hands the canvas out one token per call with logits that make any
+  sampler pick exactly that token.
 
-  mlx-lm prefills a prompt in chunks whose logits it ignores and then feeds
-  the last prompt token alone to get the first generated token. So a call
-  that brings several new tokens is taken for prefill: it fills the cache and
-  returns zero logits without denoising (denoising there would waste a canvas
-  and its random draws). Only when a prompt of n tokens leaves a one-token
-  chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
+The cache invariant mlx-lm relies on (its server's prompt cache, trimming,
+saving, deep copies): once its loop has fed n tokens, the cache describes
+exactly those n tokens. So the canvas being handed out is part of the cache:
+`make_cache` adds, after the layer caches, one entry per layer holding the
+keys and values that layer will receive for the canvas tokens not yet fed
+back (computed in one encoder pass when the canvas is denoised, as the
+reference commits a canvas), and one entry holding those tokens and their
+positions. A token fed back at its position is written into the layer caches
+from there: no encoder pass, and the same keys and values a whole-canvas
+commit writes. Anything else fed (a prompt, the next chat turn, a token
+after a trim) drops the rest of the canvas and is encoded as context.
+
+mlx-lm prefills a prompt in chunks whose logits it ignores and then feeds the
+last prompt token alone to get the first generated token. So a call that
+brings several new tokens is taken for prefill: it fills the cache and
+returns zero logits without denoising. Only when a prompt of n tokens leaves
+a one-token chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
 """
 
-import weakref
-from dataclasses import dataclass
-
 import mlx.core as mx
-from mlx_lm.models.cache import ConcatenateKVCache
+from mlx_lm.models.cache import ConcatenateKVCache, KVCache, RotatingKVCache
 
 from .generate import DiffusionOptions, denoise_canvas, stream_diffusion_generate
 from .load import _cast_for_cpu_experts
@@ -42,25 +47,41 @@ from .sampling import Randomness, StableAndConfidentStopping
 __all__ = ["Model", "ModelArgs"]
 
 
-@dataclass
-class _Canvas:
-    tokens: list  # the committed argmax canvas being handed out
-    used: int  # tokens handed out and fed back so far
-    offset: int  # cache offset when it was denoised: a different one means the cache was changed
+def _entry(keys: mx.array, values: mx.array) -> ConcatenateKVCache:
+    """mlx-lm's ConcatenateKVCache: trimmable, without `merge` (so mlx-lm's
+    server serves this model one request at a time instead of batching it),
+    and restored by `load_prompt_cache`, which looks classes up by name in
+    mlx_lm.models.cache."""
+    entry = ConcatenateKVCache()
+    entry.state = (keys, values)
+    return entry
+
+
+def _canvas_entry(tokens: list, start: int) -> ConcatenateKVCache:
+    """The canvas tokens not yet fed back ([1, 1, n, 1]) and their positions."""
+    tokens = mx.array(tokens, dtype=mx.int32).reshape(1, 1, -1, 1)
+    return _entry(tokens, start + mx.arange(tokens.shape[2], dtype=mx.int32).reshape(tokens.shape))
+
+
+def _canvas(entry: ConcatenateKVCache) -> tuple:
+    """(tokens, position of the first) of the canvas being handed out."""
+    tokens, positions = entry.state
+    if tokens.shape[2] == 0:
+        return [], 0
+    return tokens.reshape(-1).tolist(), positions[0, 0, 0, 0].item()
 
 
 class Model(DiffusionGemma):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        self._canvases = weakref.WeakKeyDictionary()  # first layer cache -> _Canvas
-
     def make_cache(self) -> list:
-        """The layer caches, plus an empty last entry without `merge`: mlx-lm's
-        server batches only models whose caches all merge, and a diffusion
-        model must be served one request at a time."""
-        marker = ConcatenateKVCache()
-        marker.state = (mx.zeros((1, 1, 0, 1)), mx.zeros((1, 1, 0, 1)))
-        return super().make_cache() + [marker]
+        """The layer caches, the canvas's keys and values per layer, then the
+        canvas tokens and their positions (see the module docstring)."""
+        layers = super().make_cache()
+        pending = []
+        for layer in self.layers:
+            attention = layer.self_attn
+            empty = mx.zeros((1, attention.n_kv_heads, 0, attention.head_dim), self.dtype)
+            pending.append(_entry(empty, empty))
+        return layers + pending + [_canvas_entry([], 0)]
 
     def load_weights(self, weights, strict: bool = True):
         super().load_weights(weights, strict=strict)
@@ -78,32 +99,80 @@ class Model(DiffusionGemma):
     def diffusion_generate(self, prompt_ids, tokenizer=None, **kwargs):
         return stream_diffusion_generate(self, tokenizer, prompt_ids, **kwargs)
 
-    def __call__(self, inputs: mx.array, cache=None, **kwargs) -> mx.array:
-        if cache is None:
-            raise ValueError("DiffusionGemma generates against a cache: pass cache=model.make_cache()")
-        first = cache[0]
-        ids = inputs.reshape(-1).tolist()
-        canvas = self._canvases.pop(first, None)
-        if canvas is not None and canvas.offset != first.offset:
-            canvas = None  # the cache was trimmed or refilled elsewhere
-        if canvas is not None and ids == canvas.tokens[canvas.used : canvas.used + len(ids)]:
-            canvas.used += len(ids)  # our own tokens, fed back
-            if canvas.used == len(canvas.tokens):
-                self.encode(canvas.tokens, cache)
-                canvas = None
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None, **kwargs) -> mx.array:
+        layers, pending, canvas = self._parts(cache)
+        if input_embeddings is not None:
+            raise ValueError("DiffusionGemma through mlx-lm takes token ids only (no input_embeddings)")
+        if inputs.ndim != 2 or inputs.shape[0] != 1:
+            raise ValueError(
+                f"DiffusionGemma through mlx-lm's loop generates one sequence at a time: inputs must have "
+                f"shape [1, L], got {tuple(inputs.shape)} (batched generation is not supported yet)"
+            )
+        ids = inputs[0].tolist()
+        tokens, start = _canvas(canvas)
+        index = layers[0].offset - start
+        if tokens and index >= 0 and tokens[index : index + len(ids)] == ids:
+            # canvas tokens fed back (again, after a trim): write their keys and values
+            for layer, entry in zip(layers, pending):
+                keys, values = entry.state
+                layer.update_and_fetch(keys[..., index : index + len(ids), :], values[..., index : index + len(ids), :])
+            mx.eval([c.state for c in layers])
         else:
-            if canvas is not None and canvas.used:
-                self.encode(canvas.tokens[: canvas.used], cache)
-            self.encode(ids, cache)
-            if len(ids) > 1:  # prefill: nobody reads these logits
-                return mx.zeros((1, 1, self.args.vocab_size))
-            canvas = None
-        if canvas is None:
-            canvas = _Canvas(self._denoise(cache), 0, first.offset)
-        self._canvases[first] = canvas
-        logits = mx.full((1, 1, self.args.vocab_size), -mx.inf)
-        logits[..., canvas.tokens[canvas.used]] = 0.0
+            self.encode(ids, layers)
+            tokens, start = self._hold(pending, canvas, [], 0, [])
+        if len(ids) > 1:  # prefill: nobody reads these logits (broadcast, so never materialised)
+            return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (1, len(ids), self.args.vocab_size))
+        if not tokens or layers[0].offset == start + len(tokens):
+            tokens, start = self._next_canvas(layers, pending, canvas)
+        logits = mx.full((1, 1, self.args.vocab_size), -mx.inf, self.dtype)
+        logits[..., tokens[layers[0].offset - start]] = 0.0
         return logits
+
+    def _parts(self, cache) -> tuple:
+        """(layer caches, pending keys and values per layer, pending canvas)."""
+        n = len(self.layers)
+        if cache is None or len(cache) != 2 * n + 1:
+            raise ValueError(
+                "DiffusionGemma generates against its own cache: pass cache=mlx_lm.models.cache."
+                "make_prompt_cache(model) (or model.make_cache())"
+            )
+        layers = cache[:n]
+        for i, c in enumerate(layers):
+            if not isinstance(c, (KVCache, RotatingKVCache)):
+                raise ValueError(
+                    f"cache entry {i} is a {type(c).__name__}; DiffusionGemma needs the KVCache / RotatingKVCache "
+                    "of make_prompt_cache (a quantized KV cache, --kv-bits, is not supported)"
+                )
+        return layers, cache[n : 2 * n], cache[2 * n]
+
+    def _next_canvas(self, layers, pending, canvas) -> tuple:
+        """Denoise the next canvas against the cache, with the keys and values a
+        commit of the whole canvas would write, and hold it after the canvas
+        just fed (so that trimming back one token at a canvas boundary, as
+        mlx-lm's server does, and feeding it again still continues the text)."""
+        C = self.args.canvas_length
+        new = self._denoise(layers)
+        new_rows = self.lookahead(new, layers)
+        previous, start = _canvas(canvas)
+        kept = previous[-C:]
+        rows = [
+            tuple(mx.concatenate([old[..., len(previous) - len(kept) :, :], added], axis=2)
+                  for old, added in zip(entry.state, added_rows))
+            for entry, added_rows in zip(pending, new_rows)
+        ]
+        return self._hold(pending, canvas, kept + new, layers[0].offset - len(kept), rows)
+
+    def _hold(self, pending, canvas, tokens: list, start: int, rows: list) -> tuple:
+        """Make `tokens` (from position `start`, with their keys and values per
+        layer) the canvas tokens the cache holds; none when `tokens` is empty."""
+        for layer, entry, kv in zip(self.layers, pending, rows or [None] * len(pending)):
+            if kv is None:
+                keys, values = entry.state
+                kv = (keys[..., :0, :], values[..., :0, :])
+            entry.state = kv
+        canvas.state = _canvas_entry(tokens, start).state
+        mx.eval([entry.state for entry in pending], canvas.state)
+        return tokens, start
 
     def _denoise(self, cache) -> list:
         options = DiffusionOptions.resolve(self, None, {})

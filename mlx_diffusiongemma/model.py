@@ -11,7 +11,7 @@ lists exactly the keys of a converted checkpoint.
 import copy
 import math
 from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
 
 import mlx.core as mx
@@ -209,6 +209,34 @@ def _context(cache, keys: bool) -> Optional[mx.array]:
     return v[..., : cache.offset, :]
 
 
+def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
+    """A chunk's keys and values after the cached context, the cache untouched."""
+    past_keys = _context(cache, keys=True)
+    if past_keys is None:
+        return keys, values
+    return (
+        mx.concatenate([past_keys, keys], axis=2),
+        mx.concatenate([_context(cache, keys=False), values], axis=2),
+    )
+
+
+class _Lookahead:
+    """A layer cache as the encoder sees it, with the encoder's write set
+    aside instead of applied: the chunk attends to the same keys, under the
+    same mask, as `update_and_fetch` would give it."""
+
+    def __init__(self, cache):
+        self.cache, self.offset = cache, cache.offset
+        self.keys = self.values = None
+
+    def make_mask(self, *args, **kwargs):
+        return self.cache.make_mask(*args, **kwargs)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
+        self.keys, self.values = keys, values
+        return _with_context(self.cache, keys, values)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -248,13 +276,7 @@ class Attention(nn.Module):
         k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset=offset)
         v = self.v_norm(v).transpose(0, 2, 1, 3)
 
-        if commit:
-            k, v = cache.update_and_fetch(k, v)
-        else:
-            past_k = _context(cache, keys=True)
-            if past_k is not None:
-                k = mx.concatenate([past_k, k], axis=2)
-                v = mx.concatenate([_context(cache, keys=False), v], axis=2)
+        k, v = cache.update_and_fetch(k, v) if commit else _with_context(cache, k, v)
 
         out = scaled_dot_product_attention(q, k, v, cache=None, scale=1.0, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -404,15 +426,34 @@ def soft_embed(embedding: nn.Module, probs: mx.array) -> mx.array:
     return probs @ embedding.weight
 
 
+class GenerationConfig(Mapping):
+    """generation_config.json's settings, read-only. Not a dict, which
+    nn.Module would take for a child module; unlike a MappingProxyType it can be
+    deep-copied (mlx-lm's DWQ and dynamic quantization deep-copy the model)."""
+
+    def __init__(self, settings: Optional[dict] = None):
+        self._settings = dict(settings or {})
+
+    def __getitem__(self, key):
+        return self._settings[key]
+
+    def __iter__(self):
+        return iter(self._settings)
+
+    def __len__(self) -> int:
+        return len(self._settings)
+
+    def __repr__(self) -> str:
+        return f"GenerationConfig({self._settings!r})"
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         self.model = DiffusionGemmaModel(args)
-        # generation_config.json's settings, set by `load_model`; read-only
-        # (and not a dict, which nn.Module would take for a child)
-        self.generation_config = MappingProxyType({})
+        self.generation_config = GenerationConfig()  # set by `load_model`
 
     @property
     def layers(self):
@@ -446,6 +487,14 @@ class Model(nn.Module):
         for start in range(0, ids.shape[1], chunk_size):
             self.encode_chunk(ids[:, start : start + chunk_size], cache)
             mx.eval([c.state for c in cache])
+
+    def lookahead(self, token_ids, cache: list) -> list:
+        """The keys and values `encode` would append for these tokens, per
+        layer ([B, kv_heads, L, head_dim] each), computed without changing the
+        cache: same attention, same masks, so writing them later is exact."""
+        views = [_Lookahead(c) for c in cache[: len(self.layers)]]
+        self.encode_chunk(_token_batch(token_ids), views)
+        return [(view.keys, view.values) for view in views]
 
     def encode_chunk(self, ids: mx.array, cache: list) -> mx.array:
         """One encoder pass appending `ids` [B, L] to the cache, nothing

@@ -24,3 +24,17 @@ def chat_checkpoint(tmp_path_factory):
     write_tokenizer(path)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 4], "pad_token_id": 0}))
     return path
+
+
+@pytest.fixture(scope="session")
+def wide_checkpoint(tmp_path_factory):
+    """Like chat_checkpoint, with a sliding window of 64: a whole test run fits
+    in it, so mlx-lm can trim every layer's cache."""
+    from reference import build_reference, save_reference
+
+    from tiny_tokenizer import write_tokenizer
+
+    path = save_reference(build_reference(seed=4, sliding_window=64), tmp_path_factory.mktemp("wide"))
+    write_tokenizer(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1], "pad_token_id": 0}))
+    return path

@@ -2,8 +2,11 @@
 `mlx_lm.chat`, `mlx_lm.server` and the prompt-cache helpers, through the
 import hook this package installs (mlx_diffusiongemma.pth)."""
 
+import concurrent.futures
+import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
+import mlx_diffusiongemma
 import numpy as np
 import pytest
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
@@ -115,26 +119,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(chat_checkpoint):
+@contextlib.contextmanager
+def _serving(model_path, *flags):
+    """mlx_lm.server on loopback with its default settings (plus `flags`)."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(chat_checkpoint), "--host", "127.0.0.1",
-         "--port", str(port)],
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path), "--host", "127.0.0.1",
+         "--port", str(port), *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=1)
-            break
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            time.sleep(0.5)
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read()
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(chat_checkpoint):
+    with _serving(chat_checkpoint) as url:
+        yield url
 
 
 def _post(url, body) -> str:
@@ -197,3 +210,76 @@ def _sha256(path) -> str:
     import hashlib
 
     return base64.urlsafe_b64encode(hashlib.sha256(Path(path).read_bytes()).digest()).rstrip(b"=").decode()
+
+
+# The demo model with a chat template that renders every turn (the shipped one
+# renders the last message only), so a chat's next request extends the cached one.
+MULTI_TURN_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] | trim }}"
+    "{% if m['role'] == 'user' %}={% else %}<eos>{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo")
+    shutil.copytree(Path(mlx_diffusiongemma.__file__).parent / "demo_model", path, dirs_exist_ok=True)
+    (path / "chat_template.jinja").write_text(MULTI_TURN_TEMPLATE)
+    return path
+
+
+def _request(url, kind, payload, seed, stream):
+    body = {**payload, "max_tokens": 12, "seed": seed, "temperature": 0.0, "stream": stream}
+    reply = _post(f"{url}/v1/{kind}", body)
+    if kind == "completions":
+        key = (lambda c: c.get("text")) if stream else None
+    else:
+        key = (lambda c: c.get("delta", {}).get("content")) if stream else None
+    if stream:
+        return _streamed_text(reply, key)
+    choice = json.loads(reply)["choices"][0]
+    return choice["text"] if kind == "completions" else choice["message"]["content"]
+
+
+def _fresh_answer(model, tokenizer, kind, payload, seed) -> str:
+    """What an independent request gets: mlx-lm's loop on a fresh cache, as the server runs it."""
+    if kind == "completions":
+        ids = tokenizer.encode(payload["prompt"])
+    else:
+        ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True)
+    mx.random.seed(seed)
+    tokens = []
+    for r in mlx_lm.stream_generate(model, tokenizer, ids, max_tokens=12):
+        if r.token in tokenizer.eos_token_ids:
+            break
+        tokens.append(r.token)
+    return tokenizer.decode(tokens)
+
+
+def test_server_default_settings_answer_every_request_as_a_fresh_one(demo_checkpoint):
+    """Repeated requests, prefixes shared with earlier requests, multi-turn chats
+    and 16 concurrent requests, against mlx_lm.server with its default prompt
+    cache: each answer is the one an independent request gets."""
+    digits = ["81502739", "81502739", "81502739", "8150273", "815027391", "4321", "43210", "990011"]
+    requests = [("chat/completions", {"messages": [{"role": "user", "content": d}]}) for d in digits]
+    requests += [("completions", {"prompt": f"<bos>{d}="}) for d in digits[:4]]
+    chat = [{"role": "user", "content": "81502739"}, {"role": "assistant", "content": "01235789"},
+            {"role": "user", "content": "4321"}]
+    requests += [("chat/completions", {"messages": chat[:1]}), ("chat/completions", {"messages": chat}),
+                 ("chat/completions", {"messages": chat + [{"role": "assistant", "content": "1234"},
+                                                           {"role": "user", "content": "5501"}]})]
+    model, tokenizer = mlx_lm.load(str(demo_checkpoint))
+    expected = [_fresh_answer(model, tokenizer, kind, payload, seed) for seed, (kind, payload) in enumerate(requests)]
+    assert expected[0] == "01235789"  # the demo model sorts digits
+
+    with _serving(demo_checkpoint) as url:
+        # one after another: every request after the first finds a cached prefix
+        answers = [_request(url, kind, payload, seed, stream=seed % 2 == 1)
+                   for seed, (kind, payload) in enumerate(requests)]
+        assert answers == expected
+        # 16 at once, streamed and not
+        jobs = [(seed % len(requests), seed % 2 == 0) for seed in range(16)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(_request, url, *requests[i], i, stream) for i, stream in jobs]
+            answers = [f.result() for f in futures]
+        assert answers == [expected[i] for i, _ in jobs]
