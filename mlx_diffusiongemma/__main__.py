@@ -1,18 +1,35 @@
-"""`python -m mlx_diffusiongemma`: the embedded demo model sorts a random digit
-string by parallel denoising. In a terminal the canvas converges live; then the
-answer and a statistics line. Needs no network and no download."""
+"""`python -m mlx_diffusiongemma`: the embedded demo model sorts a digit string
+(`--prompt`, else a random one) by parallel denoising. In a terminal the canvas
+converges live; then the answer and a statistics line. Needs no network and no
+download. Every other flag is generate's."""
 
 import random
+import re
 import sys
 
-from .demo import problem
+from .cli import ArgumentParser, checked
+from .demo import MAX_DIGITS, MIN_DIGITS, problem
 from .generate import main as generate
+from .generate import parse_args
 
 
-def main() -> int:
-    digits, _ = problem(random.Random())
-    print(f"demo model (trained by this package to sort digits), prompt: {digits}", flush=True)
-    return generate(["--model", "demo", "--prompt", digits, *sys.argv[1:]])
+def demo_prompt(text: str) -> str:
+    if not re.fullmatch(f"[0-9]{{{MIN_DIGITS},{MAX_DIGITS}}}", text):
+        raise ValueError(f"the demo model sorts {MIN_DIGITS} to {MAX_DIGITS} digits, got {text!r}")
+    return text
+
+
+def main(argv=None) -> int:
+    # A prompt the demo was not trained on is a usage error (exit 2), refused at
+    # parsing like any bad flag value: the model would answer it with nonsense.
+    parser = ArgumentParser(prog="python -m mlx_diffusiongemma", add_help=False)
+    parser.add_argument("--prompt", "-p", type=checked(str, demo_prompt), default=None)
+    args, rest = parser.parse_known_args(argv)
+    prompt = args.prompt or problem(random.Random())[0]
+    forwarded = ["--model", "demo", "--prompt", prompt, *rest]
+    parse_args(forwarded)  # --help and usage errors come before the header
+    print(f"demo model (trained by this package to sort digits), prompt: {prompt}", flush=True)
+    return generate(forwarded)
 
 
 if __name__ == "__main__":

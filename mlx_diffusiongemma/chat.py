@@ -25,8 +25,33 @@ def render_prompt(
         text = tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
         )
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(prompt)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(prompt)
+    _refuse_unknown(tokenizer, ids, prompt + (system_prompt or ""))
+    return ids
+
+
+SMALL_VOCABULARY = 1000  # up to this size, an unknown-character error lists the characters known
+
+
+def _refuse_unknown(tokenizer, ids: list, text: str) -> None:
+    """A tokenizer that maps what it does not know to its unknown token would
+    otherwise hand the model a different prompt without a word (the demo's turns
+    "abc" into pads). Typing the unknown token itself is allowed."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids or tokenizer.unk_token in text:
+        return
+    unknown = [c for c in dict.fromkeys(text) if unk in tokenizer.encode(c, add_special_tokens=False)]
+    if unknown:
+        message = f"the prompt holds characters the tokenizer does not know: {', '.join(map(repr, unknown))}"
+    else:  # each character is known alone, not in this combination
+        message = f"the tokenizer does not know parts of the prompt (it encodes them as {tokenizer.unk_token})"
+    vocabulary = tokenizer.get_vocab()
+    if len(vocabulary) <= SMALL_VOCABULARY:
+        known = "".join(sorted(t for t in vocabulary if len(t) == 1))
+        message += f" (the single characters it knows: {known})"
+    raise ValueError(message)
 
 
 def split_thinking(tokenizer, tokens: list) -> tuple[str, str]:

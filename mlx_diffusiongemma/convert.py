@@ -11,11 +11,11 @@ safetensors are read: nothing in a checkpoint is unpickled or executed.
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
@@ -23,8 +23,9 @@ import mlx.core as mx
 from huggingface_hub import HfApi, ModelCardData
 from mlx_lm.utils import save_config
 
-from .cli import ArgumentParser
+from .cli import ArgumentParser, checked
 from .load import (
+    GROUP_SIZES,
     RECIPES,
     _as_dtype,
     check_weights,
@@ -35,6 +36,7 @@ from .load import (
     resolve,
 )
 from .model import VISION_PREFIXES, Model, ModelArgs
+from .staging import staged
 
 # What mlx-lm and mlx-vlm read besides the weights and config.json.
 COPIED_FILES = (
@@ -170,6 +172,14 @@ mlx_lm.generate --model {ref} --prompt "Why is the sky blue?"
 """
 
 
+def check_shard_size(max_shard_size_gb) -> float:
+    """A shard limit of 0 or less would write one shard per tensor."""
+    value = max_shard_size_gb
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"max_shard_size_gb must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def _check_destination(dst: Path, force: bool) -> None:
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a directory")
@@ -192,11 +202,12 @@ def convert(
 ) -> Path:
     """Convert `hf_path` (a directory or hub repo id) into `mlx_path`.
 
-    Everything is written to a temporary sibling of `mlx_path` that replaces it
-    only once complete, so a failed or interrupted run leaves no (or the old)
-    output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
+    Everything is written to a hidden sibling of `mlx_path` that replaces it
+    only once complete (`staging.staged`), so a failed or interrupted run leaves
+    no (or the old) output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
     `q_group_size` default as in mlx-lm (4 and 64; the float modes fix both).
     """
+    max_bytes = int(check_shard_size(max_shard_size_gb) * (1 << 30))
     dst = Path(mlx_path).expanduser()
     _check_destination(dst, force)
     if q_mode in MODE_BITS and q_bits not in (None, MODE_BITS[q_mode]):
@@ -237,11 +248,9 @@ def convert(
                     section[key] = dtype
     description = _describe(quantization, kept_dtype)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
-        writer = _ShardWriter(staging, int(max_shard_size_gb * (1 << 30)))
+    print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
+    with staged(dst) as staging:
+        writer = _ShardWriter(staging, max_bytes)
         total_parameters = 0
         for name in list(tensors):
             total_parameters += tensors[name].size
@@ -255,23 +264,10 @@ def convert(
         if not {"tokenizer.json", "tokenizer.model"} & set(copied):
             print(f"[WARN] {src} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
         (staging / "README.md").write_text(_model_card(str(hf_path), dst, upload_repo, description, index))
-        _replace(dst, staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"[INFO] Wrote {dst}: {index['metadata']['total_size'] / 1e9:.2f} GB in {len(writer.files)} shard(s)")
     if upload_repo is not None:
         upload(dst, upload_repo)
     return dst
-
-
-def _replace(dst: Path, staging: Path) -> None:
-    """Move the finished output into place; an old directory (--force) goes only now."""
-    trash = staging.with_name(staging.name + ".old")
-    if dst.exists():
-        os.replace(dst, trash)
-    os.replace(staging, dst)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def upload(path: Path, repo: str) -> None:
@@ -308,15 +304,14 @@ def configure_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the model.")
     parser.add_argument("--q-bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="Bits of the experts and "
                         "self-conditioning (default 4; 8 for mxfp8). The other modules stay at 8 bits.")
-    parser.add_argument("--q-group-size", type=int, choices=[32, 64],  # 128 does not divide 704 (experts)
+    parser.add_argument("--q-group-size", type=int, choices=GROUP_SIZES["affine"],
                         help="Group size for affine mode (default 64); mxfp4/mxfp8 use 32, nvfp4 16.")
-    parser.add_argument("--q-mode", choices=["affine", "mxfp4", "mxfp8", "nvfp4"], help="Quantization mode "
-                        "(default affine).")
+    parser.add_argument("--q-mode", choices=list(GROUP_SIZES), help="Quantization mode (default affine).")
     parser.add_argument("--quant-predicate", choices=sorted(RECIPES), help="Which modules get which setting: "
                         "mlx-community (default) keeps embeddings, attention, dense MLP and router at 8 bits.")
     parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                         help="dtype of the unquantized weights and scales (default: the checkpoint's).")
-    parser.add_argument("--max-shard-size-gb", type=float, default=DEFAULT_SHARD_GB,
+    parser.add_argument("--max-shard-size-gb", type=checked(float, check_shard_size), default=DEFAULT_SHARD_GB,
                         help=f"Largest output shard in GiB (default {DEFAULT_SHARD_GB:g}).")
     parser.add_argument("--upload-repo", help="Hugging Face repo to upload the result to.")
     parser.add_argument("--force", action="store_true", help="Replace a non-empty --mlx-path (at the very end).")

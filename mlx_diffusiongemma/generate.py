@@ -10,20 +10,21 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .chat import render_prompt, split_thinking
-from .cli import ArgumentParser
+from .cli import ArgumentParser, checked
 from .load import load
 from .sampling import (
     ConfidenceAcceptance,
     EntropyBoundAcceptance,
     Randomness,
     StableAndConfidentStopping,
+    check_seed,
     entropy,
     linear_temperature,
     renoise,
@@ -62,18 +63,27 @@ class DiffusionOptions:
         eos = values.get("eos_token_id", ())
         values["eos_token_id"] = tuple([eos] if isinstance(eos, (int, np.integer)) else eos)
         options = cls(**values)
-        options.validate(model.args.vocab_size)
+        cls.check(asdict(options))
+        options.check_token_ids(model.args.vocab_size)
         return options
 
-    def validate(self, vocab_size: int) -> None:
+    @staticmethod
+    def check(values: dict) -> None:
+        """The rules that need no model, for the options `values` holds (a
+        partial dict too): the CLI applies them to its flags before loading."""
+
         def integer(name, low):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            value = values.get(name)
+            if name in values and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
         def number(name, positive):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
+            value = values.get(name)
+            if name in values and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not ((0 < value if positive else 0 <= value) and value < math.inf)
+            ):
                 raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
 
         integer("max_tokens", 1)
@@ -81,14 +91,20 @@ class DiffusionOptions:
         integer("stability_threshold", 0)
         number("t_min", positive=False)
         number("t_max", positive=False)
-        if self.t_max <= self.t_min:
-            raise ValueError(f"t_max must be greater than t_min, got t_max={self.t_max} and t_min={self.t_min}")
+        if "t_min" in values and "t_max" in values and values["t_max"] <= values["t_min"]:
+            raise ValueError(
+                f"t_max must be greater than t_min, got t_max={values['t_max']} and t_min={values['t_min']}"
+            )
         number("entropy_bound", positive=True)
         number("confidence_threshold", positive=True)
-        if self.acceptance not in ACCEPTANCE:
-            raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE)}, got {self.acceptance!r}")
-        if not 0 < self.min_confidence <= 1:
-            raise ValueError(f"min_confidence must be in (0, 1], got {self.min_confidence!r}")
+        if values.get("acceptance", ACCEPTANCE[0]) not in ACCEPTANCE:
+            raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE)}, got {values['acceptance']!r}")
+        value = values.get("min_confidence", 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ValueError(f"min_confidence must be in (0, 1], got {value!r}")
+
+    def check_token_ids(self, vocab_size: int) -> None:
+        """The rules that need the model's vocabulary."""
         pad = () if self.pad_token_id is None else (self.pad_token_id,)
         for name, ids in (("eos_token_id", self.eos_token_id), ("pad_token_id", pad)):
             for token in ids:
@@ -235,7 +251,9 @@ def stream_diffusion_generate(
     if decoder_input_ids is not None:
         first_canvas = _token_ids(decoder_input_ids, V, "decoder_input_ids")
         if first_canvas.size != C:
-            raise ValueError(f"decoder_input_ids must hold canvas_length={C} ids, got {first_canvas.size}")
+            raise ValueError(
+                f"decoder_input_ids must hold exactly canvas_length={C} ids (one whole canvas), got {first_canvas.size}"
+            )
     if randomness is not None and seed is not None:
         raise ValueError("pass either seed or randomness, not both")
     randomness = randomness or Randomness(seed)
@@ -328,7 +346,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
     p.add_argument("--max-tokens", "-m", type=int, default=None, help="rounded up to whole canvases")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=checked(int, check_seed), default=None, help="an integer in [0, 2**64)")
     p.add_argument("--verbose", type=_str2bool, default=True, help="live canvas and statistics (True/False)")
     g = p.add_argument_group("diffusion (defaults: the checkpoint's generation_config.json, then the reference)")
     g.add_argument("--max-denoising-steps", type=int, default=None)
@@ -340,7 +358,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos-token-id", type=int, nargs="*", default=None, help="none given: no eos")
     g.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default=None)
     g.add_argument("--min-confidence", type=float, default=None, help="for --acceptance confidence")
-    g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None, help="the first canvas's start")
+    g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None,
+                   help="the first canvas's start: exactly canvas_length ids (config.json)")
     return p
 
 
@@ -384,17 +403,28 @@ def statistics_line(r: DiffusionResponse) -> str:
     )
 
 
-def main(argv=None) -> int:
+_OPTION_FLAGS = (
+    "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
+    "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
+)
+
+
+def parse_args(argv=None) -> tuple:
+    """(parser, args), every check that needs no model done: a bad value is a
+    usage error (exit 2) before the model loads. Token ids are checked after."""
     parser = setup_arg_parser()
     args = parser.parse_args(argv)
+    try:
+        DiffusionOptions.check({k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None})
+    except ValueError as e:
+        parser.error(str(e))
+    return parser, args
+
+
+def main(argv=None) -> int:
+    parser, args = parse_args(argv)
+    options = {name: getattr(args, name) for name in _OPTION_FLAGS}
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-            "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
-        )
-    }
     live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() else None
     if args.seed is not None:
         mx.random.seed(args.seed)  # as mlx_lm.generate does: same seed, same draws, same text

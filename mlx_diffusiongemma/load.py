@@ -7,9 +7,6 @@ mlx-vlm (quantized modules with `.scales` / `.biases`, per-module entries in
 
 import glob
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -23,10 +20,11 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
 from .model import MODEL_TYPE, GenerationConfig, Model, ModelArgs
+from .staging import staged
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
-# Modules the mlx-community recipe keeps at 8 bits whatever the chosen bits.
+# Modules the mlx-community recipe pins at 8 bits group 64 whatever the chosen setting.
 _EIGHT_BIT_SUFFIXES = ("embed_tokens", "router.proj")
 _EIGHT_BIT_PARTS = (".self_attn.", ".mlp.")
 
@@ -234,22 +232,21 @@ def load(path_or_repo: Union[str, Path], dtype=None, adapter_path: Optional[Unio
     return model, tokenizer
 
 
-def _recipe(path: str, module: nn.Module, bits: int, group_size: int, mode: str):
-    """The mlx-community recipe: embeddings, attention, dense MLP and router at
-    8 bits group 64; experts and self-conditioning at the chosen setting."""
+def mlx_community_recipe(path: str, module: nn.Module):
+    """The mlx-community recipe, in the form of mlx-lm's `quant_predicate`: a dict
+    pins a module's setting (embeddings, attention, dense MLP and router: 8 bits
+    group 64), True gives it the chosen one (experts, self-conditioning), False
+    leaves it unquantized. mlx-lm writes a config entry for each dict and none
+    for True; `quantization_plan` writes the same."""
     if not hasattr(module, "to_quantized"):
         return False
     if path.endswith(_EIGHT_BIT_SUFFIXES) or any(part in path for part in _EIGHT_BIT_PARTS):
         return {"group_size": 64, "bits": 8}
-    if ".experts." in path or ".self_conditioning." in path:
-        entry = {"group_size": group_size, "bits": bits}
-        if mode != "affine":
-            entry["mode"] = mode
-        return entry
-    return False
+    return ".experts." in path or ".self_conditioning." in path
 
 
-RECIPES = {"mlx-community": _recipe}
+RECIPES = {"mlx-community": mlx_community_recipe}
+GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,), "mxfp8": (32,), "nvfp4": (16,)}  # what mx.quantize takes
 
 
 def quantization_plan(
@@ -257,31 +254,57 @@ def quantization_plan(
 ):
     """What `quantize` does, decided without touching a weight: the `to_quantized`
     settings of each module the recipe quantizes, and the config's `quantization`
-    entries. `convert` streams with the same plan, so both write the same checkpoint."""
-    if mode in ("mxfp4", "mxfp8"):
-        group_size = 32
-    elif mode == "nvfp4":
-        group_size = 16
+    entries (the chosen setting, then every pinned module, as mlx-lm writes them).
+    `convert` streams with the same plan, so both write the same checkpoint."""
+    if mode not in GROUP_SIZES:
+        raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(GROUP_SIZES)}")
+    if mode != "affine":
+        (group_size,) = GROUP_SIZES[mode]
+    elif group_size not in GROUP_SIZES[mode]:
+        raise ValueError(f"affine group size must be one of {', '.join(map(str, GROUP_SIZES[mode]))}, got {group_size!r}")
+    chosen = {"group_size": group_size, "bits": bits, "mode": mode}
     choose = RECIPES[recipe]
-    plan = {}
+    plan, pinned, misfits = {}, {}, []
     for path, module in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        entry = choose(path, module, bits, group_size, mode)
-        if entry:
-            plan[path] = entry
-    entries = {
-        path: entry
-        for path, entry in plan.items()
-        if (entry["bits"], entry["group_size"], entry.get("mode", "affine")) != (bits, group_size, mode)
-    }
-    return plan, {"group_size": group_size, "bits": bits, "mode": mode, **entries}
+        choice = choose(path, module)
+        if choice is True:
+            plan[path] = dict(chosen)
+        elif choice:
+            plan[path] = pinned[path] = choice
+        if choice and module.weight.shape[-1] % plan[path]["group_size"]:
+            misfits.append(path)
+    if misfits:
+        raise ValueError(_misfit_message(model, misfits, plan, pinned, recipe))
+    return plan, {**chosen, **pinned}
+
+
+def _misfit_message(model: Model, misfits: list, plan: dict, pinned: dict, recipe: str) -> str:
+    """Quantization groups run along a weight's input dimension, which must be a
+    multiple of the group size: said before anything is written, rather than by
+    mx.quantize halfway through a conversion."""
+    path = misfits[0]
+    dim = dict(model.named_modules())[path].weight.shape[-1]
+    entry = plan[path]
+    head = (
+        f"cannot quantize {path}.weight"
+        + (f" (and {len(misfits) - 1} more weight(s))" if len(misfits) > 1 else "")
+        + f": its input dimension {dim} is not a multiple of group size {entry['group_size']}"
+    )
+    if path in pinned:
+        return f"{head}; the {recipe} recipe pins it at {entry['bits']} bits group size {entry['group_size']}, and no option changes that"
+    mode = entry["mode"]
+    fits = [str(g) for g in GROUP_SIZES[mode] if dim % g == 0]
+    if fits:
+        return f"{head}; {mode} group sizes that fit it: {', '.join(fits)}"
+    return f"{head}, and no {mode} group size ({', '.join(map(str, GROUP_SIZES[mode]))}) fits it"
 
 
 def quantize(
     model: Model, bits: int = 4, group_size: int = 64, mode: str = "affine", recipe: str = "mlx-community"
 ) -> dict:
     """Quantize in place with the mlx-community recipe; returns the config's
-    `quantization` entries: the global setting plus an entry for each module
-    quantized otherwise. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
+    `quantization` entries: the chosen setting plus an entry for each module the
+    recipe pins. mxfp4/mxfp8 use group 32 and nvfp4 group 16, as they must."""
     plan, config = quantization_plan(model, bits, group_size, mode, recipe)
     nn.quantize(
         model,
@@ -293,21 +316,18 @@ def quantize(
     return config
 
 
+def write_model(model: Model, directory: Path, config: dict) -> None:
+    """Weights (sharded, with index) and config.json, into an existing directory."""
+    save_weights(directory, model)
+    save_config(dict(config), directory / "config.json", keep_vision_config=True)
+
+
 def save_model(model: Model, path: Union[str, Path], config: dict) -> Path:
-    """Write weights (sharded, with index) and config.json into a fresh directory,
-    atomically: everything goes to a temporary sibling renamed at the end."""
+    """Write weights and config.json into a fresh directory, atomically (see
+    `staging.staged`); a non-empty `path` is refused."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_weights(staging, model)
-        save_config(dict(config), staging / "config.json", keep_vision_config=True)
-        if path.exists():
-            path.rmdir()
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged(path) as staging:
+        write_model(model, staging, config)
     return path

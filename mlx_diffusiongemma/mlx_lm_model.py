@@ -90,6 +90,14 @@ class Model(DiffusionGemma):
         _cast_for_cpu_experts(self)  # as our own loader does
         return self
 
+    @property
+    def quant_predicate(self):
+        """The mlx-community recipe, which `mlx_lm.convert -q` applies when it is
+        given no other (the same plan as `python -m mlx_diffusiongemma.convert`)."""
+        from .load import mlx_community_recipe
+
+        return mlx_community_recipe
+
     def diffusion_generate(self, prompt_ids, tokenizer=None, **kwargs):
         return stream_diffusion_generate(self, tokenizer, prompt_ids, **kwargs)
 

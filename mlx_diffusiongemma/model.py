@@ -8,6 +8,7 @@ Parameter paths are the checkpoint names, so `tree_flatten(model.parameters())`
 lists exactly the keys of a converted checkpoint.
 """
 
+import copy
 import math
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -49,6 +50,16 @@ _DEFAULT_ROPE = {
 }
 
 
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 @dataclass
 class ModelArgs(BaseModelArgs):
     hidden_size: int
@@ -61,6 +72,7 @@ class ModelArgs(BaseModelArgs):
     num_experts: int
     top_k_experts: int
     moe_intermediate_size: int
+    canvas_length: int  # no default: a wrong canvas length makes a model write garbage
     model_type: str = MODEL_TYPE
     layer_types: Optional[List[str]] = None
     # Per-layer attention overrides ({layer index: {"head_dim", "num_key_value_heads"}}),
@@ -74,17 +86,30 @@ class ModelArgs(BaseModelArgs):
     hidden_activation: str = "gelu_pytorch_tanh"
     use_bidirectional_attention: Optional[str] = None
     max_position_embeddings: int = 131_072
-    canvas_length: int = 256
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: Any = 1
 
     def __post_init__(self):
+        # Checked here so a bad config is one ValueError naming the field, not a
+        # TypeError or ZeroDivisionError from deep inside the model.
+        for name in (*_REQUIRED_TEXT_FIELDS, "canvas_length", "sliding_window", "max_position_embeddings"):
+            _check_int(name, getattr(self, name))
+        if self.top_k_experts > self.num_experts:
+            raise ValueError(
+                f"top_k_experts ({self.top_k_experts}) must not exceed num_experts ({self.num_experts})"
+            )
+        for name in ("rms_norm_eps", "final_logit_softcapping"):
+            _check_number(name, getattr(self, name))
+        # Copies throughout: the caller's config (a dict `convert` saves) must not change.
         if self.layer_types is None:  # the reference's 5 sliding : 1 full pattern
             self.layer_types = [
                 "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
                 for i in range(self.num_hidden_layers)
             ]
+        if not isinstance(self.layer_types, (list, tuple)):
+            raise ValueError(f"layer_types must be a list, got {self.layer_types!r}")
+        self.layer_types = list(self.layer_types)
         if len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(
                 f"layer_types has {len(self.layer_types)} entries but "
@@ -94,10 +119,22 @@ class ModelArgs(BaseModelArgs):
         unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
         if unknown:
             raise ValueError(f"unknown layer type(s) in layer_types: {sorted(unknown)}")
-        rope = dict(_DEFAULT_ROPE)
-        rope.update(self.rope_parameters or {})
+        for name in ("rope_parameters", "per_layer_config"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name} must be an object, got {value!r}")
+        rope = copy.deepcopy(_DEFAULT_ROPE)
+        rope.update(copy.deepcopy(self.rope_parameters or {}))
         self.rope_parameters = rope
-        self.per_layer_config = {int(k): dict(v) for k, v in self.per_layer_config.items()}
+        per_layer = {}
+        for key, override in (self.per_layer_config or {}).items():
+            if not isinstance(override, dict) or not str(key).isdigit():
+                raise ValueError(f"per_layer_config must map layer indices to objects, got {key!r}: {override!r}")
+            for name in ("head_dim", "num_key_value_heads"):
+                if name in override:
+                    _check_int(f"per_layer_config[{key}].{name}", override[name])
+            per_layer[int(key)] = dict(override)
+        self.per_layer_config = per_layer
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(
                 f"hidden_activation {self.hidden_activation!r} is not supported "
@@ -110,8 +147,10 @@ class ModelArgs(BaseModelArgs):
 
         Null values mean unset. Full-attention overrides may be given as
         `per_layer_config` or, in older files, as `global_head_dim` /
-        `num_global_key_value_heads`.
+        `num_global_key_value_heads`. `params` is never changed.
         """
+        if not isinstance(params, dict):
+            raise ValueError(f"the config must be an object, got {type(params).__name__}")
         text = params.get("text_config", params)
         if not isinstance(text, dict):
             raise ValueError("'text_config' must be an object")
@@ -119,18 +158,26 @@ class ModelArgs(BaseModelArgs):
         missing = [name for name in _REQUIRED_TEXT_FIELDS if name not in text]
         if missing:
             raise ValueError(f"text_config is missing required field(s): {', '.join(missing)}")
+        if params.get("canvas_length") is None:
+            raise ValueError(
+                "config has no canvas_length (the block of tokens the model denoises at once, "
+                "256 for the released model); set it at the top level"
+            )
         fields = {k: v for k, v in text.items() if k in cls.__dataclass_fields__}
         fields["model_type"] = params.get("model_type", MODEL_TYPE)
-        if params.get("canvas_length") is not None:
-            fields["canvas_length"] = params["canvas_length"]
+        fields["canvas_length"] = params["canvas_length"]
         if text.get("use_bidirectional_attention") == "all":
             # The reference stores the window for an exclusive-bounds kernel.
-            fields["sliding_window"] = text.get("sliding_window", 512) // 2 + 1
+            window = text.get("sliding_window", 512)
+            _check_int("sliding_window", window)
+            fields["sliding_window"] = window // 2 + 1
         args = cls(**fields)
         if "per_layer_config" not in text:
             override = {"head_dim": text.get("global_head_dim", 512)}
+            _check_int("global_head_dim", override["head_dim"])
             if text.get("num_global_key_value_heads") is not None:
                 override["num_key_value_heads"] = text["num_global_key_value_heads"]
+                _check_int("num_global_key_value_heads", override["num_key_value_heads"])
             args.per_layer_config = {
                 i: dict(override)
                 for i, kind in enumerate(args.layer_types)

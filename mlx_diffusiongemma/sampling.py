@@ -10,6 +10,17 @@ computed once per step and shared by acceptance and stopping.
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
+
+SEED_LIMIT = 2**64  # mx.random.key and mx.random.seed take an unsigned 64-bit seed
+
+
+def check_seed(seed) -> int:
+    """The seed as an int, or a ValueError naming it and the accepted range
+    (mlx itself raises a TypeError listing overloads)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
 
 
 class Randomness:
@@ -24,7 +35,7 @@ class Randomness:
     """
 
     def __init__(self, seed: Optional[int] = None):
-        self._key = None if seed is None else mx.random.key(seed)
+        self._key = None if seed is None else mx.random.key(check_seed(seed))
 
     def _next_key(self):
         if self._key is None:

@@ -44,8 +44,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_tokenizer
 
 from .cli import ArgumentParser
-from .load import load, load_config, load_model, save_model
+from .load import load, load_config, load_model, write_model
 from .model import Model, ModelArgs
+from .staging import staged
 
 
 @dataclass
@@ -140,28 +141,24 @@ def _progress(step: int, total: int, loss: float, tokens_per_second: float) -> N
 
 def save_checkpoint(model: Model, out: Path, config: dict, source: Optional[Path], args: TrainingArgs,
                     optimizer, step: int) -> None:
-    """Our checkpoint layout (loadable by `load`), written into a fresh sibling
-    and swapped in, plus what resuming needs: the optimizer state and step."""
-    staging = out.with_name(out.name + ".saving")
-    shutil.rmtree(staging, ignore_errors=True)
-    if args.lora_rank:
-        staging.mkdir(parents=True)
-        adapters = dict(tree_flatten(model.trainable_parameters()))
-        mx.save_safetensors(str(staging / "adapters.safetensors"), adapters)
-        (staging / "adapter_config.json").write_text(json.dumps(
-            {"fine_tune_type": "lora", "base_model": str(source), "num_layers": len(model.layers),
-             "lora_parameters": {"rank": args.lora_rank, "scale": args.lora_scale, "dropout": 0.0}}, indent=2))
-    else:
-        save_model(model, staging, config)
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                     "generation_config.json"):
-            if source is not None and (source / name).is_file():
-                shutil.copyfile(source / name, staging / name)
-    mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (staging / "training_state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    """Our checkpoint layout (loadable by `load`), plus what resuming needs: the
+    optimizer state and step. It replaces the previous checkpoint only once
+    complete (`staging.staged`), so a failed save keeps that one."""
+    with staged(out) as staging:
+        if args.lora_rank:
+            adapters = dict(tree_flatten(model.trainable_parameters()))
+            mx.save_safetensors(str(staging / "adapters.safetensors"), adapters)
+            (staging / "adapter_config.json").write_text(json.dumps(
+                {"fine_tune_type": "lora", "base_model": str(source), "num_layers": len(model.layers),
+                 "lora_parameters": {"rank": args.lora_rank, "scale": args.lora_scale, "dropout": 0.0}}, indent=2))
+        else:
+            write_model(model, staging, config)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                         "generation_config.json"):
+                if source is not None and (source / name).is_file():
+                    shutil.copyfile(source / name, staging / name)
+        mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (staging / "training_state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=2))
 
 
 def train(model: Model, config: dict, train_blocks: list, valid_blocks: list, out: Path, args: TrainingArgs,

@@ -45,7 +45,7 @@ TINY_VISION = dict(
 )
 
 
-# The released 26B-A4B model's configuration (SPEC.md, "Real configuration").
+# The released 26B-A4B model's text configuration (no vision tower).
 REAL_CONFIG = json.loads((Path(__file__).parent / "real_26b_config.json").read_text())
 
 

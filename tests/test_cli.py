@@ -47,13 +47,35 @@ def test_module_entry_point_reads_stdin(chat_checkpoint):
     assert result.stdout.splitlines()[-1].startswith("Prompt: ")
 
 
-@pytest.mark.parametrize("argv", [["--model", "x", "--prompt", "p", "--bogus"], ["--prompt", "p"], ["--model", "x", "--prompt", "p", "--seed", "one"]])
-def test_bad_flags_exit_2_with_one_line(argv, capsys):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--seed", "one"], "seed must be an integer in [0, 2**64), got 'one'"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**64), got -1"),
+        (["--seed", str(2**64)], f"seed must be an integer in [0, 2**64), got {2**64}"),
+        (["--t-min", "0.9", "--t-max", "0.5"], "t_max must be greater than t_min, got t_max=0.5 and t_min=0.9"),
+        (["--max-denoising-steps", "0"], "max_denoising_steps must be an integer >= 1, got 0"),
+        (["--max-tokens", "0"], "max_tokens must be an integer >= 1, got 0"),
+        (["--entropy-bound", "-1"], "entropy_bound must be a number > 0, got -1.0"),
+        (["--t-min", "nan"], "t_min must be a number >= 0, got nan"),
+        (["--min-confidence", "2"], "min_confidence must be in (0, 1], got 2.0"),
+        (["--acceptance", "foo"], "argument --acceptance: invalid choice: 'foo'"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
+    # the model "x" does not exist: these fail at parsing, before any loading
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        main(["--model", "x", "--prompt", "p", *argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "error:" in err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and message in err, err
+
+
+def test_missing_required_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "p"])
+    assert exit_info.value.code == 2 and "--model" in capsys.readouterr().err
 
 
 def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):
@@ -63,6 +85,10 @@ def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):
         (["--model", str(tmp_path / "missing"), "--prompt", "hi"], "missing"),
         (["--model", str(chat_checkpoint), "--prompt", ""], "prompt is empty"),
         (["--model", str(chat_checkpoint), "--prompt", "hi", "--t-max", "0.1"], "t_max must be greater than t_min"),
+        (["--model", "demo", "--prompt", "abc"], "does not know: 'a', 'b', 'c' (the single characters it knows: 0123456789=)"),
+        (["--model", "demo", "--prompt", "321", "--decoder-input-ids", "3", "4"],
+         "decoder_input_ids must hold exactly canvas_length=12 ids (one whole canvas), got 2"),
+        (["--model", "demo", "--prompt", "321", "--eos-token-id", "14"], "eos_token_id must hold token ids in [0, 14), got (14,)"),
     ]
     for argv, message in cases:
         assert main(argv) == 1

@@ -5,9 +5,11 @@ interrupted runs) and the hub upload, with the hub client replaced."""
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -161,6 +163,16 @@ def test_failure_mid_stream_leaves_nothing(hf, tmp_path, monkeypatch, existing):
         assert [p.name for p in out.iterdir()] == ["old.txt"]
 
 
+def test_output_gets_the_umask(hf, tmp_path):
+    previous = os.umask(0o027)
+    try:
+        out = convert(hf, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o640}
+
+
 def test_killed_conversion_leaves_nothing(hf, tmp_path):
     """SIGTERM while shards are being written: the CLI removes its temporary directory."""
     out = tmp_path / "out"
@@ -233,14 +245,29 @@ def test_upload_calls_the_hub(hf, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv",
-    [["--bogus"], ["--q-bits", "7"], ["--q-bits", "8"], ["--q-mode", "mxfp9", "-q"]],
-    ids=["unknown-flag", "bad-bits", "bits-without-q", "bad-mode"],
+    "argv,message",
+    [
+        (["--bogus"], "unrecognized arguments"),
+        (["--q-bits", "7"], "invalid choice: 7"),
+        (["--q-bits", "8"], "need -q/--quantize"),
+        (["--q-mode", "mxfp9", "-q"], "invalid choice: 'mxfp9'"),
+        (["--max-shard-size-gb", "0"], "max_shard_size_gb must be a finite number > 0, got 0.0"),
+        (["--max-shard-size-gb", "-1"], "max_shard_size_gb must be a finite number > 0, got -1.0"),
+        (["--max-shard-size-gb", "big"], "max_shard_size_gb must be a finite number > 0, got 'big'"),
+    ],
+    ids=["unknown-flag", "bad-bits", "bits-without-q", "bad-mode", "zero-shard", "negative-shard", "word-shard"],
 )
-def test_usage_errors_exit_2_with_one_line(hf, tmp_path, capsys, argv):
+def test_usage_errors_exit_2_with_one_line(hf, tmp_path, capsys, argv, message):
     code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", tmp_path / "out", *argv)
-    assert code == 2 and len(err) == 1 and "error:" in err[0]
+    assert code == 2 and len(err) == 1 and "error:" in err[0] and message in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", [0, -1, float("inf"), "5"])
+def test_shard_size_must_be_positive(hf, tmp_path, size):
+    with pytest.raises(ValueError, match=rf"max_shard_size_gb must be a finite number > 0, got {size!r}"):
+        convert(hf, tmp_path / "out", max_shard_size_gb=size)
+    assert siblings(tmp_path / "out") == []
 
 
 def _damage(hf, tmp_path, how) -> Path:
@@ -278,6 +305,20 @@ def test_bad_input_exits_1_with_one_line(hf, tmp_path, capsys, how, named):
     assert siblings(tmp_path / "out") == []
 
 
+def test_group_size_that_does_not_fit_is_refused_up_front(tmp_path, capsys):
+    src = save_reference(build_reference(seed=1, moe_intermediate_size=96), tmp_path / "hf")
+    out = tmp_path / "out"
+    capsys.readouterr()  # transformers' progress bar
+    code, err = run_cli(capsys, "--hf-path", src, "--mlx-path", out, "-q", "--q-bits", "4")
+    assert code == 1 and err == [
+        "error: cannot quantize model.decoder.layers.0.experts.down_proj.weight (and 3 more weight(s)): its input "
+        "dimension 96 is not a multiple of group size 64; affine group sizes that fit it: 32"
+    ]
+    assert siblings(out) == []
+    assert run_cli(capsys, "--hf-path", src, "--mlx-path", out, "-q", "--q-group-size", "32") == (0, [])
+    assert json.loads((out / "config.json").read_text())["quantization"]["group_size"] == 32
+
+
 def test_refuses_to_replace_the_source(hf, tmp_path, capsys):
     for dst in (hf, hf.parent):
         code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", dst, "--force")
@@ -289,3 +330,56 @@ def test_already_quantized_input_is_refused(hf, tmp_path, capsys):
     first = convert(hf, tmp_path / "q4", quantize=True)
     code, err = run_cli(capsys, "--hf-path", first, "--mlx-path", tmp_path / "again", "-q")
     assert code == 1 and "already quantized" in err[0]
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(tmp_path_factory) -> Path:
+    """The same kind of checkpoint in bfloat16, its config as transformers 5 writes it (a top-level `dtype`)."""
+    import torch
+
+    path = save_reference(build_reference(seed=7).to(torch.bfloat16), tmp_path_factory.mktemp("hf-bf16"))
+    write_tokenizer(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config and "dtype" not in config["text_config"]
+    return path
+
+
+@pytest.mark.parametrize("source,mode", [("float32", "affine"), ("float32", "mxfp4"), ("bfloat16", "affine")])
+def test_mlx_lm_convert_uses_the_same_recipe(hf, hf_bf16, tmp_path, capsys, source, mode):
+    """`mlx_lm.convert -q` (which takes the recipe from `Model.quant_predicate`) and
+    our convert write the same config entries and, but for one case, the same weights.
+
+    The case: mlx-lm casts weights to the dtype it finds in `torch_dtype` or
+    `text_config.dtype`, not in transformers 5's top-level `dtype`. So for a
+    bfloat16 checkpoint with such a config it keeps what it loaded, and on the
+    CPU our loader loaded the unquantized experts as float32 (`_cast_for_cpu_experts`):
+    mlx-lm's affine expert scales and biases come out float32, ours bfloat16,
+    equal once rounded to bfloat16 (the packed weights are identical). With
+    `torch_dtype` set, on a GPU, in float32, or with mxfp4's uint8 scales,
+    everything is identical."""
+    src = hf if source == "float32" else hf_bf16
+    theirs, ours = tmp_path / "mlx-lm", tmp_path / "ours"  # mlx-lm refuses an existing --mlx-path
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(theirs), "-q",
+         "--q-mode", mode],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert run_cli(capsys, "--hf-path", src, "--mlx-path", ours, "-q", "--q-mode", mode) == (0, [])
+
+    config_theirs, config_ours = (json.loads((p / "config.json").read_text()) for p in (theirs, ours))
+    for key in ("quantization", "quantization_config"):
+        assert config_theirs[key] == config_ours[key]
+    pinned = {k for k, v in config_ours["quantization"].items() if isinstance(v, dict)}
+    # embeddings; per layer q/k/o (and v on the 2 sliding layers), the 3 dense MLP projections, the router
+    assert len(pinned) == 1 + 4 * 7 + 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CPU's float32 expert cast, for the unquantized copies only
+        a, b = (dict(tree_flatten(load_model(p).parameters())) for p in (theirs, ours))
+    assert a.keys() == b.keys()
+    differ = {k for k in a if a[k].dtype != b[k].dtype or not mx.array_equal(a[k], b[k])}
+    cast_experts = source == "bfloat16" and mode == "affine" and mx.default_device() == mx.cpu
+    expected = {k for k in a if ".experts." in k and k.endswith((".scales", ".biases"))} if cast_experts else set()
+    assert differ == expected and (not cast_experts or len(expected) == 16)
+    for k in expected:
+        assert (a[k].dtype, b[k].dtype) == (mx.float32, mx.bfloat16) and mx.array_equal(a[k].astype(mx.bfloat16), b[k])

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlx_diffusiongemma import load
-from mlx_diffusiongemma.demo import DEMO_DIR, problems, score
+from mlx_diffusiongemma.__main__ import main as demo_main
+from mlx_diffusiongemma.demo import DEMO_DIR, problems, score, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,6 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_demo_is_small():
     size = sum(f.stat().st_size for f in DEMO_DIR.iterdir())
     assert size <= 10 * 2**20, f"the embedded demo model takes {size / 2**20:.1f} MiB"
+
+
+def test_shipped_tokenizer_is_what_write_tokenizer_writes(tmp_path):
+    write_tokenizer(tmp_path)
+    for f in tmp_path.iterdir():
+        assert f.read_bytes() == (DEMO_DIR / f.name).read_bytes(), f.name
+    _, tokenizer = load("demo")
+    assert tokenizer.unk_token_id == 0  # declared, so unknown characters are refused
 
 
 def test_shipped_demo_solves_held_out_problems():
@@ -34,3 +45,32 @@ def test_first_command_runs_the_demo():
     prompt_line, answer, stats = result.stdout.splitlines()[-3:]
     digits = prompt_line.rpartition(" ")[2]
     assert answer == "".join(sorted(digits)) and stats.startswith("Prompt: ")
+
+
+def test_first_command_names_the_prompt_it_uses(capsys):
+    assert demo_main(["--prompt", "4321", "--verbose", "False"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["demo model (trained by this package to sort digits), prompt: 4321", "1234"]
+
+
+def test_first_command_help_has_no_header(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: ") and "demo model" not in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--prompt", "abc"], "argument --prompt/-p: the demo model sorts 3 to 8 digits, got 'abc'"),
+        (["-p", "123456789"], "argument --prompt/-p: the demo model sorts 3 to 8 digits, got '123456789'"),
+        (["--prompt", "4321", "--seed", "-1"], "seed must be an integer in [0, 2**64), got -1"),
+        (["--min-confidence", "2"], "min_confidence must be in (0, 1], got 2.0"),
+    ],
+)
+def test_first_command_usage_errors_come_before_the_header(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo_main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and message in captured.err, captured.err

@@ -10,6 +10,7 @@ from mlx_lm.utils import load_tokenizer
 from tiny_tokenizer import token_id
 
 from mlx_diffusiongemma import Randomness, diffusion_generate, load, stream_diffusion_generate
+from mlx_diffusiongemma import chat
 from mlx_diffusiongemma.chat import render_prompt, split_thinking
 from mlx_diffusiongemma.generate import Commit, DiffusionOptions, DiffusionResponse, Draft
 
@@ -99,6 +100,8 @@ def test_option_precedence():
         ("eos_token_id", [1, V], "eos_token_id must hold token ids in"),
         ("acceptance", "greedy", "acceptance must be one of"),
         ("min_confidence", 1.5, "min_confidence must be in"),
+        ("min_confidence", "high", r"min_confidence must be in \(0, 1\], got 'high'"),
+        ("t_max", float("inf"), "t_max must be a number >= 0, got inf"),
     ],
 )
 def test_invalid_options_are_named(option, value, message):
@@ -115,8 +118,10 @@ def test_invalid_options_are_named(option, value, message):
         ([[1, 2], [3, 4]], {}, ValueError, "1-D sequence of token ids"),
         ("hello", {}, ValueError, "a text prompt needs a tokenizer"),
         ([3] * 20, {}, ValueError, "does not fit the model's context of 24 tokens"),
-        ([3], {"decoder_input_ids": [1, 2]}, ValueError, "decoder_input_ids must hold canvas_length=6 ids"),
+        ([3], {"decoder_input_ids": [1, 2]}, ValueError, r"decoder_input_ids must hold exactly canvas_length=6 ids \(one whole canvas\), got 2"),
         ([3], {"seed": 1, "randomness": Randomness(1)}, ValueError, "either seed or randomness"),
+        ([3], {"seed": -1}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
+        ([3], {"seed": "1"}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got '1'"),
         ([3], {"temperature": 0.5}, TypeError, "unknown generation option"),
     ],
 )
@@ -178,3 +183,41 @@ def test_chat_template_and_thinking(chat_checkpoint):
     assert split_thinking(tokenizer, [channel, thought, why, close, sky, blue]) == ("why", "sky blue")
     assert split_thinking(tokenizer, [channel, thought, why, sky]) == ("why sky", "")  # still thinking
     assert split_thinking(tokenizer, [sky, blue]) == ("", "sky blue")
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from mlx_diffusiongemma.demo import DEMO_DIR
+
+    return load_tokenizer(DEMO_DIR)
+
+
+@pytest.mark.parametrize("prompt,unknown", [("abc", "'a', 'b', 'c'"), ("4a3 2a", "'a', ' '")])
+def test_unknown_characters_are_refused(demo_tokenizer, prompt, unknown):
+    message = rf"the prompt holds characters the tokenizer does not know: {unknown} \(the single characters it knows: 0123456789=\)$"
+    with pytest.raises(ValueError, match=message):
+        render_prompt(demo_tokenizer, prompt)
+    with pytest.raises(ValueError, match=message):
+        render_prompt(demo_tokenizer, prompt, use_chat_template=False)
+
+
+def test_known_text_and_the_unknown_token_itself_pass(demo_tokenizer, monkeypatch):
+    assert demo_tokenizer.unk_token_id == 0
+    assert render_prompt(demo_tokenizer, "4321") == [2, 7, 6, 5, 4, 13]  # <bos> 4 3 2 1 =
+    assert render_prompt(demo_tokenizer, "<pad>1") == [2, 0, 4, 13]  # typed on purpose
+    monkeypatch.setattr(chat, "SMALL_VOCABULARY", 10)  # a large vocabulary is not listed
+    with pytest.raises(ValueError, match=r"does not know: 'x'$"):
+        render_prompt(demo_tokenizer, "x")
+
+
+def test_unknown_combination_of_known_characters(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(tmp_path)
+    tokenizer = load_tokenizer(tmp_path)
+    assert render_prompt(tokenizer, "a b") == [1, 2]
+    with pytest.raises(ValueError, match=r"^the tokenizer does not know parts of the prompt \(it encodes them as <unk>\)"):
+        render_prompt(tokenizer, "a ab")

@@ -77,6 +77,21 @@ def test_config_missing_field(ckpt):
         load_model(ckpt)
 
 
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c.pop("canvas_length"), "config has no canvas_length"),
+        (lambda c: c.update(canvas_length=0), "canvas_length must be an integer >= 1, got 0"),
+        (lambda c: c["text_config"].update(hidden_size="64"), "hidden_size must be an integer >= 1, got '64'"),
+    ],
+    ids=["no-canvas", "zero-canvas", "string-hidden-size"],
+)
+def test_bad_config_value_names_the_file(ckpt, edit, message):
+    edit_config(ckpt, edit)
+    with pytest.raises(ValueError, match=rf"config\.json: {message}"):
+        load_model(ckpt)
+
+
 def test_missing_weight(ckpt):
     key = "model.decoder.layers.0.mlp.up_proj.weight"
     rewrite_weights(ckpt, lambda w: w.pop(key))

@@ -1,5 +1,7 @@
 """Each sampler piece against the reference's own function on random inputs."""
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -126,3 +128,14 @@ def test_randomness_seeded_and_global():
         draws.append((np.array(r.uniform_ids((1, 6), 30)), np.array(r.categorical(logits))))
     assert all(np.array_equal(x, y) for x, y in zip(*draws))
     assert not np.array_equal(draws[0][0], np.array(Randomness().uniform_ids((1, 6), 30)))
+
+
+@pytest.mark.parametrize("seed", [-1, "1", 1.5, 2**64, 2**70, True], ids=repr)
+def test_bad_seed_is_named_with_the_range(seed):
+    with pytest.raises(ValueError, match=rf"seed must be an integer in \[0, 2\*\*64\), got {re.escape(repr(seed))}$"):
+        Randomness(seed)
+
+
+def test_seed_range_ends_are_accepted():
+    for seed in (0, np.int64(7), 2**64 - 1):
+        Randomness(seed).uniform_ids((1, 2), 5)

@@ -156,3 +156,25 @@ def test_autoregressive_loss_reaches_the_encoder(setup):
              for w in (0.0, 1.0)]
     key = "model.encoder.language_model.layers.0.layer_scalar"
     assert not np.allclose(np.array(grads[0][key]), np.array(grads[1][key]))
+
+
+def test_failed_checkpoint_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    path, tokenizer = setup
+    out = tmp_path / "run"
+    blocks = _blocks(tokenizer, _reverse_task(50, 0))
+    args = TrainingArgs(iters=2, batch_size=4, warmup=1, eval_every=100, eval_batches=1, save_every=1)
+    save = mx.save_safetensors
+
+    def fail_once_a_checkpoint_exists(file, *rest, **kwargs):
+        if file.endswith("optimizer.safetensors") and out.exists():  # step 2: weights written, then this
+            raise OSError("disk full")
+        save(file, *rest, **kwargs)
+
+    monkeypatch.setattr(mx, "save_safetensors", fail_once_a_checkpoint_exists)
+    mx.random.seed(0)
+    with pytest.raises(OSError, match="disk full"):
+        train(Model(ModelArgs.from_dict(TINY)), TINY, blocks, blocks, out, args, source=path, log=lambda *_: None)
+    assert json.loads((out / "training_state.json").read_text())["step"] == 1
+    assert {"optimizer.safetensors", "model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    load(out)  # the step-1 checkpoint, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no staging left behind
