@@ -41,7 +41,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import ConcatenateKVCache, KVCache, RotatingKVCache
 
 from .generate import DiffusionOptions, denoise_canvas, stream_diffusion_generate
-from .load import _cast_for_cpu_experts
+from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .model import Model as DiffusionGemma
 from .model import ModelArgs
 from .sampling import Randomness, StableAndConfidentStopping
@@ -94,8 +94,6 @@ class Model(DiffusionGemma):
     def quant_predicate(self):
         """The mlx-community recipe, which `mlx_lm.convert -q` applies when it is
         given no other (the same plan as `python -m mlx_diffusiongemma.convert`)."""
-        from .load import mlx_community_recipe
-
         return mlx_community_recipe
 
     def diffusion_generate(self, prompt_ids, tokenizer=None, **kwargs):
