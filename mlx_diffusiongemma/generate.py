@@ -25,8 +25,8 @@ from .sampling import (
     Randomness,
     StableAndConfidentStopping,
     check_seed,
-    entropy,
     linear_temperature,
+    predict,
     renoise,
 )
 
@@ -192,25 +192,31 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
     argmax canvas, the count of positions kept and the mean entropy after each
     step; the last argmax is the canvas to commit."""
     C, V, N = model.args.canvas_length, model.args.vocab_size, opts.max_denoising_steps
-    self_conditioning = None
+    self_conditioning = {}
     acceptance.reset()
     stopping.reset()
     for cur_step in range(N, 0, -1):
-        logits = model.decode(canvas, cache, self_conditioning)
-        processed = logits / linear_temperature(cur_step, N, opts.t_min, opts.t_max)
-        denoised = randomness.categorical(processed).astype(mx.int32)
-        argmax = processed.argmax(axis=-1).astype(mx.int32)
-        token_entropy = entropy(processed)
-        accepted, kept = acceptance(canvas, denoised, processed, token_entropy)
+        logits = model.decode(canvas, cache, **self_conditioning)
+        prediction = predict(logits, linear_temperature(cur_step, N, opts.t_min, opts.t_max), randomness)
+        accepted, kept = acceptance(canvas, prediction)
         canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
-        done = stopping(argmax, token_entropy)
-        # the reference casts to the embedding dtype; a same-dtype astype would copy V floats per position
-        self_conditioning = processed if processed.dtype == model.dtype else processed.astype(model.dtype)
-        kept_count, mean_entropy = kept.sum(), token_entropy.mean()
-        mx.eval(canvas, argmax, self_conditioning, done, kept_count, mean_entropy)
-        yield argmax, kept_count.item(), mean_entropy.item()
+        done = stopping(prediction.argmax, prediction.entropy)
+        self_conditioning = _self_conditioning(prediction, model.dtype)
+        kept_count, mean_entropy = kept.sum(), prediction.entropy.mean()
+        mx.eval(canvas, prediction.argmax, self_conditioning, done, kept_count, mean_entropy)
+        yield prediction.argmax, kept_count.item(), mean_entropy.item()
         if done.item():
             return
+
+
+def _self_conditioning(prediction, dtype: mx.Dtype) -> dict:
+    """The next decoder call's self-conditioning input. The reference passes
+    the processed logits cast to the embedding dtype and softmaxes them in
+    float32; in a float32 model that cast changes nothing, so the step's own
+    probabilities are the same and save a softmax over the logits."""
+    if dtype == mx.float32:
+        return {"self_conditioning_probs": (prediction.weights, prediction.total)}
+    return {"self_conditioning_logits": prediction.processed.astype(dtype)}
 
 
 def stream_diffusion_generate(

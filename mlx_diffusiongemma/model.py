@@ -512,11 +512,21 @@ class Model(nn.Module):
         # autoregressive loss reads h through the shared final norm and head.
         return h
 
-    def decode(self, canvas_ids, cache: list, self_conditioning_logits: Optional[mx.array] = None) -> mx.array:
+    def decode(
+        self,
+        canvas_ids,
+        cache: list,
+        self_conditioning_logits: Optional[mx.array] = None,
+        self_conditioning_probs: Optional[tuple] = None,
+    ) -> mx.array:
         """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
 
         The canvas attends to the whole cached context and to itself in both
-        directions; the cache is never changed.
+        directions; the cache is never changed. The previous step's prediction
+        comes as the reference passes it, logits (softmaxed here, in float32,
+        after the caller's cast), or as probabilities a sampler already holds:
+        (weights [B, C, V], total [B, C, 1]) with probs = weights / total, which
+        saves a softmax over the logits (the division follows the product).
         """
         decoder = self.model.decoder
         ids = _token_batch(canvas_ids)
@@ -525,6 +535,10 @@ class Model(nn.Module):
         if self_conditioning_logits is not None:
             probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
             soft = soft_embed(decoder.embed_tokens, probs.astype(h.dtype))
+        elif self_conditioning_probs is not None:
+            weights, total = self_conditioning_probs
+            soft = soft_embed(decoder.embed_tokens, weights.astype(h.dtype)) / total.astype(h.dtype)
+        if soft is not None:
             soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         h = decoder.self_conditioning(h, soft)
         for layer, c in zip(self.layers, cache):

@@ -1,12 +1,17 @@
 """The sampler's pieces, each small and separate as in transformers'
-generation_diffusion_gemma: randomness, temperature schedule, entropy,
-acceptance, renoising, stable-and-confident stopping.
+generation_diffusion_gemma: randomness, temperature schedule, the step's
+prediction (draw, argmax, entropy, probabilities), acceptance, renoising,
+stable-and-confident stopping.
 
 Each matches its reference counterpart on the same inputs; `generate.py`
-strings them together in the reference's order. The per-position entropy is
-computed once per step and shared by acceptance and stopping.
+strings them together in the reference's order. `predict` reads the logits
+with one exponential pass, shared by the draw, the entropy (for acceptance and
+stopping) and the next step's self-conditioning: transcendental passes over
+[canvas, vocab] logits are what a step costs once the decoder has run.
 """
 
+import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -31,7 +36,7 @@ class Randomness:
     renoised positions take their ids. With a seed the draws come from a key
     of their own (reproducible); without one from mlx's global random state,
     so `mx.random.seed(n)` controls them as in mlx-lm. Tests substitute an
-    object replaying the reference's recorded draws.
+    object replaying the reference's recorded draws (torch.multinomial's).
     """
 
     def __init__(self, seed: Optional[int] = None):
@@ -46,8 +51,36 @@ class Randomness:
     def uniform_ids(self, shape: Sequence[int], vocab_size: int) -> mx.array:
         return mx.random.randint(0, vocab_size, shape, key=self._next_key())
 
-    def categorical(self, logits: mx.array) -> mx.array:
-        return mx.random.categorical(logits, key=self._next_key())
+    def categorical(self, weights: mx.array) -> mx.array:
+        """One draw per position from the distribution proportional to
+        `weights` (unnormalised probabilities over the last axis), by inverting
+        its cumulative sum with one uniform per position, where a Gumbel-max
+        draw would take a logarithm of a logarithm of V uniforms."""
+        u = 1.0 - mx.random.uniform(shape=(*weights.shape[:-1], 1), key=self._next_key())  # in (0, 1]
+        return inverse_cdf(weights, u)
+
+
+def _block_size(vocab_size: int) -> int:
+    """The largest divisor of V not above sqrt(V) (512 for 262144)."""
+    return next(d for d in range(math.isqrt(vocab_size), 0, -1) if vocab_size % d == 0)
+
+
+def inverse_cdf(weights: mx.array, u: mx.array) -> mx.array:
+    """The first index whose cumulative weight reaches u times the total, per
+    position ([..., V] weights, [..., 1] u in (0, 1]). Two levels (blocks of
+    about sqrt(V), then within the chosen block), so the weights are read once
+    and no V-sized cumulative sum is written."""
+    *lead, V = weights.shape
+    B = _block_size(V)
+    blocked = weights.reshape(*lead, V // B, B)
+    block_sums = blocked.sum(-1)
+    block_cdf = mx.cumsum(block_sums, axis=-1)
+    target = u * block_cdf[..., -1:]
+    block = mx.minimum((block_cdf < target).sum(-1, keepdims=True), V // B - 1)
+    before = mx.take_along_axis(block_cdf - block_sums, block, axis=-1)
+    inside = mx.take_along_axis(blocked, block[..., None], axis=-2).squeeze(-2)
+    offset = mx.minimum((before + mx.cumsum(inside, axis=-1) < target).sum(-1, keepdims=True), B - 1)
+    return (block * B + offset).squeeze(-1).astype(mx.int32)
 
 
 def linear_temperature(cur_step: int, max_denoising_steps: int, t_min: float, t_max: float) -> mx.array:
@@ -60,10 +93,32 @@ def linear_temperature(cur_step: int, max_denoising_steps: int, t_min: float, t_
     return mx.array(t_min, mx.float32) + mx.array(t_max - t_min, mx.float32) * fraction
 
 
-def entropy(logits: mx.array) -> mx.array:
-    """Per-position entropy of softmax(logits), over the last axis."""
-    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return -(mx.exp(log_probs) * log_probs).sum(axis=-1)
+@dataclass
+class Prediction:
+    """What one denoising step reads from the decoder's logits."""
+
+    processed: mx.array  # logits / temperature [B, C, V], the reference's processed logits
+    weights: mx.array  # exp(processed - max) [B, C, V]: unnormalised probabilities
+    total: mx.array  # their sum [B, C, 1]
+    argmax: mx.array  # [B, C] int32
+    entropy: mx.array  # [B, C] float32, of softmax(processed)
+    draw: mx.array  # [B, C] int32, one categorical draw per position (the denoiser canvas)
+
+
+def predict(logits: mx.array, temperature: mx.array, randomness) -> Prediction:
+    """The step's prediction with one exponential pass over the logits:
+    softmax as the reference computes it (exp(x - max) / sum), entropy as
+    logsumexp - E[x] from the same exponentials, the draw from their
+    cumulative sums. This is the seam a fused kernel takes over."""
+    processed = logits / temperature
+    argmax = processed.argmax(axis=-1).astype(mx.int32)
+    top = mx.take_along_axis(processed, argmax[..., None], axis=-1)
+    shifted = processed - top
+    weights = mx.exp(shifted)
+    total = weights.sum(axis=-1, keepdims=True)
+    entropy = (mx.log(total) - (weights * shifted).sum(axis=-1, keepdims=True) / total).squeeze(-1)
+    draw = randomness.categorical(weights).astype(mx.int32)
+    return Prediction(processed, weights, total, argmax, entropy, draw)
 
 
 class EntropyBoundAcceptance:
@@ -82,13 +137,13 @@ class EntropyBoundAcceptance:
     def reset(self) -> None:
         pass
 
-    def __call__(self, current, denoised, logits, token_entropy) -> tuple[mx.array, mx.array]:
-        order = mx.argsort(token_entropy, axis=-1)
-        sorted_entropy = mx.take_along_axis(token_entropy, order, axis=-1)
+    def __call__(self, current: mx.array, prediction: Prediction) -> tuple[mx.array, mx.array]:
+        order = mx.argsort(prediction.entropy, axis=-1)
+        sorted_entropy = mx.take_along_axis(prediction.entropy, order, axis=-1)
         # sorted ascending, so each prefix's maximum is its last element
         selected = (mx.cumsum(sorted_entropy, axis=-1) - sorted_entropy) <= self.entropy_bound
         accepted = mx.put_along_axis(mx.zeros_like(selected), order, selected, axis=-1)
-        return mx.where(accepted, denoised, current), accepted
+        return mx.where(accepted, prediction.draw, current), accepted
 
 
 class ConfidenceAcceptance:
@@ -107,11 +162,11 @@ class ConfidenceAcceptance:
     def reset(self) -> None:
         self.frozen = None
 
-    def __call__(self, current, denoised, logits, token_entropy) -> tuple[mx.array, mx.array]:
+    def __call__(self, current: mx.array, prediction: Prediction) -> tuple[mx.array, mx.array]:
         frozen = mx.zeros(current.shape, mx.bool_) if self.frozen is None else self.frozen
-        log_norm = mx.logsumexp(logits, axis=-1)
-        probability = mx.exp(mx.take_along_axis(logits, denoised[..., None], axis=-1)[..., 0] - log_norm)
-        probability = mx.where(frozen, -1.0, probability)
+        denoised = prediction.draw
+        probability = mx.take_along_axis(prediction.weights, denoised[..., None], axis=-1) / prediction.total
+        probability = mx.where(frozen, -1.0, probability.squeeze(-1))
         best = mx.arange(current.shape[-1]) == probability.argmax(axis=-1, keepdims=True)
         newly = ((probability >= self.min_confidence) | best) & ~frozen
         self.frozen = frozen | newly

@@ -86,9 +86,9 @@ class ReplayedRandomness:
         assert value.shape == tuple(shape) and value.max() < vocab_size
         return mx.array(value, dtype=mx.int32)
 
-    def categorical(self, logits):
+    def categorical(self, weights):
         value = self._next("categorical")
-        return mx.array(value.reshape(logits.shape[:-1]), dtype=mx.int32)
+        return mx.array(value.reshape(weights.shape[:-1]), dtype=mx.int32)
 
 
 class ReplayedDecoder:
@@ -106,10 +106,17 @@ class ReplayedDecoder:
     def encode(self, ids, cache, **kwargs):
         self.model.encode(ids, cache, **kwargs)
 
-    def decode(self, canvas, cache, self_conditioning_logits=None):
+    def decode(self, canvas, cache, self_conditioning_logits=None, self_conditioning_probs=None):
+        """Records the self-conditioning input as ("logits", array) or
+        ("probs", weights / total)."""
         i = len(self.canvases)
         assert i < len(self.recording.logits), "more decoder calls than the reference made"
         self.canvases.append(np.array(canvas))
-        sc = self_conditioning_logits
-        self.self_conditioning.append(None if sc is None else np.array(sc))
+        if self_conditioning_logits is not None:
+            self.self_conditioning.append(("logits", np.array(self_conditioning_logits)))
+        elif self_conditioning_probs is not None:
+            weights, total = self_conditioning_probs
+            self.self_conditioning.append(("probs", np.array(weights / total)))
+        else:
+            self.self_conditioning.append(None)
         return mx.array(self.recording.logits[i])

@@ -34,7 +34,7 @@ class ScriptedModel:
     def encode(self, ids, cache, chunk_size=512):
         self.encoded.append(np.array(ids).ravel().tolist())
 
-    def decode(self, canvas, cache, self_conditioning_logits=None):
+    def decode(self, canvas, cache, **self_conditioning):
         self.decoded.append(np.array(canvas).ravel().tolist())
         target = self.script[len(self.encoded) - 2]
         return 30.0 * (mx.arange(V) == target[:, None]).astype(mx.float32)[None]

@@ -96,8 +96,16 @@ def _replay(model, recording, eos, **settings):
         np.testing.assert_array_equal(ours, theirs, err_msg=f"decoder call {i}: input canvas")
     for i, (ours, theirs) in enumerate(zip(decoder.self_conditioning, recording.self_conditioning)):
         assert (ours is None) == (theirs is None), f"decoder call {i}: self-conditioning presence"
-        if ours is not None:
-            np.testing.assert_array_equal(ours, theirs, err_msg=f"decoder call {i}: self-conditioning logits")
+        if ours is None:
+            continue
+        kind, value = ours
+        if kind == "logits":
+            np.testing.assert_array_equal(value, theirs, err_msg=f"decoder call {i}: self-conditioning logits")
+        else:  # the step's own probabilities: the reference's softmax of those logits, to float32 rounding
+            exact = np.exp(theirs.astype(np.float64) - theirs.max(-1, keepdims=True))
+            exact /= exact.sum(-1, keepdims=True)
+            np.testing.assert_allclose(value, exact, rtol=1e-5, atol=1e-12,
+                                       err_msg=f"decoder call {i}: self-conditioning probabilities")
     assert randomness.draws == [], "the reference made random draws we did not"
     _assert_same_output(response, recording, eos)
     return response, accepted

@@ -260,7 +260,9 @@ def test_server_default_settings_answer_every_request_as_a_fresh_one(demo_checkp
     """Repeated requests, prefixes shared with earlier requests, multi-turn chats
     and 16 concurrent requests, against mlx_lm.server with its default prompt
     cache: each answer is the one an independent request gets."""
-    digits = ["81502739", "81502739", "81502739", "8150273", "815027391", "4321", "43210", "990011"]
+    # 3 to 8 digits, as the demo was trained: its answers there are far from ties, so the rounding
+    # differences between a cached prefix and a fresh prefill (about 1e-7) do not flip them
+    digits = ["81502739", "81502739", "81502739", "8150273", "81502", "4321", "43210", "990011"]
     requests = [("chat/completions", {"messages": [{"role": "user", "content": d}]}) for d in digits]
     requests += [("completions", {"prompt": f"<bos>{d}="}) for d in digits[:4]]
     chat = [{"role": "user", "content": "81502739"}, {"role": "assistant", "content": "01235789"},

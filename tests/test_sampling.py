@@ -18,8 +18,9 @@ from mlx_diffusiongemma.sampling import (
     EntropyBoundAcceptance,
     Randomness,
     StableAndConfidentStopping,
-    entropy,
+    inverse_cdf,
     linear_temperature,
+    predict,
     renoise,
 )
 
@@ -41,10 +42,56 @@ def test_temperature_schedule_matches_reference(steps, t_min, t_max):
         np.testing.assert_array_equal(ours, expected)
 
 
-def test_entropy_matches_reference():
+class Draws:
+    """Randomness whose categorical draws are given."""
+
+    def __init__(self, draws):
+        self.draws = draws
+
+    def categorical(self, weights):
+        return mx.array(self.draws, dtype=mx.int32)
+
+
+def _entropy(logits) -> mx.array:
+    return predict(mx.array(logits), mx.array(1.0), Draws(np.zeros(logits.shape[:-1], int))).entropy
+
+
+def test_prediction_matches_reference():
+    """processed logits, argmax, softmax and entropy as the reference's step computes them."""
     logits = _logits(scale=8.0)
-    expected = torch.distributions.Categorical(logits=torch.tensor(logits)).entropy().numpy()
-    np.testing.assert_allclose(np.array(entropy(mx.array(logits))), expected, rtol=1e-5, atol=1e-6)
+    temperature = linear_temperature(17, 48, 0.4, 0.8)
+    draws = RNG.integers(0, 50, (2, 16))
+    p = predict(mx.array(logits), temperature, Draws(draws))
+    processed = torch.tensor(logits) / torch.tensor(np.array(temperature))
+    np.testing.assert_array_equal(np.array(p.processed), processed.numpy())
+    np.testing.assert_array_equal(np.array(p.argmax), torch.argmax(processed, dim=-1).numpy())
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32).numpy()
+    np.testing.assert_allclose(np.array(p.weights / p.total), probs, rtol=1e-5, atol=1e-9)
+    # entropy against the exact (float64) value: logsumexp - E[x] from the shared
+    # exponentials is 10x closer to it than the reference's own float32 entropy
+    x = processed.numpy().astype(np.float64)
+    log_probs = x - x.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    exact = -(np.exp(log_probs) * log_probs).sum(-1)
+    reference_error = np.abs(torch.distributions.Categorical(logits=processed).entropy().numpy() - exact).max()
+    assert np.abs(np.array(p.entropy) - exact).max() < min(5e-7, reference_error)
+    np.testing.assert_array_equal(np.array(p.draw), draws)
+
+
+def test_inverse_cdf_draws_follow_the_weights():
+    """Frequencies over many positions match the weights; zero weights are never drawn."""
+    V, positions = 320, 20_000
+    weights = np.zeros(V, np.float32)
+    weights[[3, 17, 18, 200, 319]] = [1.0, 2.0, 0.5, 4.0, 2.5]
+    tiled = mx.broadcast_to(mx.array(weights), (positions, V))
+    draws = np.array(Randomness(seed=0).categorical(tiled))
+    counts = np.bincount(draws, minlength=V)
+    assert counts[weights == 0].sum() == 0
+    expected = weights / weights.sum() * positions
+    assert np.all(np.abs(counts[weights > 0] - expected[weights > 0]) < 5 * np.sqrt(expected[weights > 0]))
+    # the edges of the unit interval land on the first and last tokens with weight
+    edges = np.array(inverse_cdf(mx.array(weights)[None], mx.array([[1e-9], [1.0]], mx.float32)))
+    assert edges.tolist() == [3, 319]
 
 
 @pytest.mark.parametrize("bound", [0.1, 1.0, 25.0])
@@ -57,8 +104,8 @@ def test_entropy_bound_acceptance_and_renoise_match_reference(bound):
 
     sampler = EntropyBoundSampler(EntropyBoundSamplerConfig(entropy_bound=bound), 16, 50, 48)
     expected = sampler.accept_canvas(torch.tensor(current), torch.tensor(denoised), torch.tensor(logits), 1)
-    logits_mx = mx.array(logits)
-    canvas, accepted = EntropyBoundAcceptance(bound)(mx.array(current), mx.array(denoised), logits_mx, entropy(logits_mx))
+    prediction = predict(mx.array(logits), mx.array(1.0), Draws(denoised))
+    canvas, accepted = EntropyBoundAcceptance(bound)(mx.array(current), prediction)
     np.testing.assert_array_equal(np.array(canvas), expected.numpy())
     np.testing.assert_array_equal(np.array(accepted), sampler.accepted_token_mask.numpy())
     assert 0 < int(np.array(accepted).sum()) <= 32
@@ -79,7 +126,7 @@ def test_stopping_matches_reference(stability, confidence):
     decisions = []
     for argmax in sequence:
         expected = reference(torch.tensor(argmax), torch.tensor(logits)).numpy()
-        got = np.array(ours(mx.array(argmax), entropy(mx.array(logits))))
+        got = np.array(ours(mx.array(argmax), _entropy(logits)))
         np.testing.assert_array_equal(got, expected)
         decisions.append(got.tolist())
     if confidence > 1 and stability:
@@ -95,7 +142,7 @@ def test_confidence_acceptance_freezes_and_accepts_at_least_one():
     current = mx.zeros((1, 8), mx.int32)
     denoised = mx.array(RNG.integers(0, 20, (1, 8)), dtype=mx.int32)
     denoised[0, 2] = 5
-    canvas, kept = acceptance(current, denoised, mx.array(logits), None)
+    canvas, kept = acceptance(current, predict(mx.array(logits), mx.array(1.0), Draws(np.array(denoised))))
     assert np.array(kept)[0].tolist() == [i == 2 for i in range(8)]
     assert int(canvas[0, 2]) == 5 and int(np.array(canvas).sum()) == 5
 
@@ -105,7 +152,7 @@ def test_confidence_acceptance_freezes_and_accepts_at_least_one():
     redraw = mx.array(RNG.integers(0, 20, (1, 8)), dtype=mx.int32)
     drawn = probs[0, np.arange(8), np.array(redraw)[0]]
     drawn[2] = -1.0
-    canvas, kept = acceptance(canvas, redraw, mx.array(flat), None)
+    canvas, kept = acceptance(canvas, predict(mx.array(flat), mx.array(1.0), Draws(np.array(redraw))))
     assert np.array(kept)[0].sum() == 2 and bool(kept[0, int(drawn.argmax())])
     assert int(canvas[0, 2]) == 5  # frozen: the new draw at position 2 is ignored
     acceptance.reset()
@@ -114,7 +161,7 @@ def test_confidence_acceptance_freezes_and_accepts_at_least_one():
 
 def test_randomness_seeded_and_global():
     a, b = Randomness(seed=3), Randomness(seed=3)
-    logits = mx.array(_logits(batch=1, canvas=6, vocab=30))
+    logits = mx.exp(mx.array(_logits(batch=1, canvas=6, vocab=30)))
     for _ in range(2):
         assert np.array_equal(np.array(a.uniform_ids((1, 6), 30)), np.array(b.uniform_ids((1, 6), 30)))
         assert np.array_equal(np.array(a.categorical(logits)), np.array(b.categorical(logits)))
