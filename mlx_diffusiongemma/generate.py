@@ -131,14 +131,27 @@ def _from_generation_config(config) -> dict:
 
 @dataclass
 class Draft:
-    """One denoising step: the argmax canvas so far (decoded only if read)."""
+    """One denoising step. Its values stay mlx arrays until read, so a caller
+    that only counts steps costs the loop no host transfer."""
 
     canvas: int  # index of the canvas being denoised, from 0
     step: int  # denoising steps taken on this canvas, from 1
-    tokens: list
-    accepted: int  # positions the acceptance kept in this step
-    mean_entropy: float
+    argmax: mx.array = field(repr=False)  # [C] the argmax canvas so far
+    kept: mx.array = field(repr=False)  # positions the acceptance kept in this step
+    entropy: mx.array = field(repr=False)  # mean entropy of the step's prediction
     tokenizer: object = field(default=None, repr=False)
+
+    @property
+    def tokens(self) -> list:
+        return self.argmax.tolist()
+
+    @property
+    def accepted(self) -> int:
+        return self.kept.item()
+
+    @property
+    def mean_entropy(self) -> float:
+        return self.entropy.item()
 
     @property
     def text(self) -> str:
@@ -190,7 +203,7 @@ def _token_ids(ids, vocab_size: int, what: str) -> mx.array:
 def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acceptance, stopping):
     """The reference's denoising loop for one canvas, steps N..1: yields the
     argmax canvas, the count of positions kept and the mean entropy after each
-    step; the last argmax is the canvas to commit."""
+    step (mlx arrays); the last argmax is the canvas to commit."""
     C, V, N = model.args.canvas_length, model.args.vocab_size, opts.max_denoising_steps
     self_conditioning = {}
     acceptance.reset()
@@ -203,9 +216,9 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
         done = stopping(prediction.argmax, prediction.entropy)
         self_conditioning = _self_conditioning(prediction, model.dtype)
         kept_count, mean_entropy = kept.sum(), prediction.entropy.mean()
-        mx.eval(canvas, prediction.argmax, self_conditioning, done, kept_count, mean_entropy)
-        yield prediction.argmax, kept_count.item(), mean_entropy.item()
-        if done.item():
+        mx.async_eval(canvas, prediction.argmax, self_conditioning, kept_count, mean_entropy)
+        yield prediction.argmax, kept_count, mean_entropy
+        if done.item():  # the step's one host synchronisation
             return
 
 
@@ -287,10 +300,10 @@ def stream_diffusion_generate(
         steps = denoise_canvas(model, cache, canvas, opts, randomness, acceptance, stopping)
         for step, (argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
             passes += 1
-            draft = Draft(index, step, argmax[0].tolist(), kept_count, mean_entropy, tokenizer)
+            draft = Draft(index, step, argmax[0], kept_count, mean_entropy, tokenizer)
             yield draft
 
-        committed = list(draft.tokens)  # a copy: the reference's padding must not reach the event
+        committed = draft.tokens  # a fresh list: the reference's padding must not reach the event
         eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
         room_left = opts.max_tokens - len(tokens)
         new = committed[: min(room_left, C if eos is None else eos)]

@@ -99,7 +99,7 @@ def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):
 def test_live_canvas_redraws_one_line():
     stream = io.StringIO()
     live = _LiveCanvas(stream)
-    live.show(Draft(0, 1, [5, 6], 1, 2.5, None))
+    live.show(Draft(0, 1, mx.array([5, 6]), mx.array(1), mx.array(2.5), None))
     live.show(Commit(0, [5, 6], "sky blue"))
     live.clear()
     out = stream.getvalue()
