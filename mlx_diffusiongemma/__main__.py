@@ -7,10 +7,9 @@ import random
 import re
 import sys
 
-from .cli import ArgumentParser, checked
+from .cli import ArgumentParser, checked, parse_args
+from .cli import main as generate
 from .demo import MAX_DIGITS, MIN_DIGITS, problem
-from .generate import main as generate
-from .generate import parse_args
 
 
 def demo_prompt(text: str) -> str:

@@ -1,13 +1,11 @@
-"""Block-diffusion generation: the reference sampler loop, streaming events,
-and the `python -m mlx_diffusiongemma.generate` command.
+"""Block-diffusion generation: the reference sampler loop and its streaming
+events (the `python -m mlx_diffusiongemma.generate` command is in cli.py).
 
 The default is transformers' `DiffusionGemmaGenerationMixin.generate`, step for
 step and draw for draw; faster paths must never change what it produces.
 """
 
-import argparse
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -17,14 +15,12 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import render_prompt, split_thinking
-from .cli import ArgumentParser, checked
 from .load import load
 from .sampling import (
     ConfidenceAcceptance,
     EntropyBoundAcceptance,
     Randomness,
     StableAndConfidentStopping,
-    check_seed,
     linear_temperature,
     predict,
     renoise,
@@ -355,127 +351,7 @@ def diffusion_generate(model, tokenizer, prompt, **kwargs) -> DiffusionResponse:
     return event
 
 
-def setup_arg_parser() -> argparse.ArgumentParser:
-    """mlx_lm.generate's flags where they make sense, plus the sampler's."""
-    p = ArgumentParser(prog="python -m mlx_diffusiongemma.generate", description="Generate text with DiffusionGemma.")
-    p.add_argument("--model", required=True, help="local directory or Hugging Face repo")
-    p.add_argument("--prompt", "-p", required=True, help="message to the model ('-' reads stdin)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--ignore-chat-template", action="store_true", help="encode the prompt raw")
-    p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
-    p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
-    p.add_argument("--max-tokens", "-m", type=int, default=None, help="rounded up to whole canvases")
-    p.add_argument("--seed", type=checked(int, check_seed), default=None, help="an integer in [0, 2**64)")
-    p.add_argument("--verbose", type=_str2bool, default=True, help="live canvas and statistics (True/False)")
-    g = p.add_argument_group("diffusion (defaults: the checkpoint's generation_config.json, then the reference)")
-    g.add_argument("--max-denoising-steps", type=int, default=None)
-    g.add_argument("--t-min", type=float, default=None)
-    g.add_argument("--t-max", type=float, default=None)
-    g.add_argument("--entropy-bound", type=float, default=None)
-    g.add_argument("--stability-threshold", type=int, default=None)
-    g.add_argument("--confidence-threshold", type=float, default=None)
-    g.add_argument("--eos-token-id", type=int, nargs="*", default=None, help="none given: no eos")
-    g.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default=None)
-    g.add_argument("--min-confidence", type=float, default=None, help="for --acceptance confidence")
-    g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None,
-                   help="the first canvas's start: exactly canvas_length ids (config.json)")
-    return p
+if __name__ == "__main__":  # the command lives in cli.py, beside the package's other command pieces
+    from .cli import main
 
-
-def _str2bool(value: str) -> bool:
-    if value.lower() in ("true", "t", "1", "yes"):
-        return True
-    if value.lower() in ("false", "f", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-class _LiveCanvas:
-    """Redraws one terminal line: committed text, then the canvas converging."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.committed = ""
-
-    def show(self, event) -> None:
-        if isinstance(event, Commit):
-            self.committed += event.text
-            draft = ""
-        else:
-            draft = f"[{event.text}] step {event.step}, {event.accepted} accepted, entropy {event.mean_entropy:.2f}"
-        width = shutil.get_terminal_size().columns - 1
-        line = (self.committed + draft).replace("\n", " ")[-width:]
-        self.stream.write(f"\r\033[K{line}")
-        self.stream.flush()
-
-    def clear(self) -> None:
-        self.stream.write("\r\033[K")
-        self.stream.flush()
-
-
-def statistics_line(r: DiffusionResponse) -> str:
-    return (
-        f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec | "
-        f"Generation: {r.generation_tokens} tokens, {r.canvases} canvases, {r.denoising_steps} denoising steps, "
-        f"{r.tokens_per_forward:.2f} tokens/forward, {r.generation_tps:.3f} tokens-per-sec | "
-        f"Wall: {r.wall_time:.2f} s | Peak memory: {r.peak_memory:.3f} GB"
-    )
-
-
-_OPTION_FLAGS = (
-    "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-    "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
-)
-
-
-def parse_args(argv=None) -> tuple:
-    """(parser, args), every check that needs no model done: a bad value is a
-    usage error (exit 2) before the model loads. Token ids are checked after."""
-    parser = setup_arg_parser()
-    args = parser.parse_args(argv)
-    try:
-        DiffusionOptions.check({k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None})
-    except ValueError as e:
-        parser.error(str(e))
-    return parser, args
-
-
-def main(argv=None) -> int:
-    parser, args = parse_args(argv)
-    options = {name: getattr(args, name) for name in _OPTION_FLAGS}
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() else None
-    if args.seed is not None:
-        mx.random.seed(args.seed)  # as mlx_lm.generate does: same seed, same draws, same text
-    try:
-        model, tokenizer = load(args.model)
-        events = stream_diffusion_generate(
-            model,
-            tokenizer,
-            prompt,
-            system_prompt=args.system_prompt,
-            enable_thinking=args.enable_thinking,
-            use_chat_template=not args.ignore_chat_template,
-            decoder_input_ids=args.decoder_input_ids,
-            **options,
-        )
-        for event in events:
-            if live is not None and not isinstance(event, DiffusionResponse):
-                live.show(event)
-    except (ValueError, OSError) as e:
-        if live is not None:
-            live.clear()
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    if live is not None:
-        live.clear()
-    if args.show_thinking and event.thinking:
-        print(f"Thinking:\n{event.thinking}\n\nAnswer:")
-    print(event.text)
-    if args.verbose:
-        print(statistics_line(event))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

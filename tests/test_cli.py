@@ -12,7 +12,8 @@ import mlx.core as mx
 import pytest
 
 from mlx_diffusiongemma import diffusion_generate, load
-from mlx_diffusiongemma.generate import Commit, Draft, _LiveCanvas, main
+from mlx_diffusiongemma.cli import _LiveCanvas, main
+from mlx_diffusiongemma.generate import Commit, Draft
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-tokens", "12", "--max-denoising-steps", "3", "--seed", "1"]
