@@ -382,9 +382,11 @@ def main():
         if model == "real-26b":
             probe = probe or worker("probe", {}, env, python)
             if not probe.get("gpu"):
+                memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else 0
                 skipped[name] = (
-                    f"needs a GPU: mlx's default device here is {probe.get('default_device', '?')}; 26B parameters "
-                    "(52 GB in bfloat16) on this CPU would take minutes per decoder pass"
+                    f"needs a GPU: mlx's default device here is {probe.get('default_device', '?')}; the 26B parameters "
+                    f"are 52 GB in bfloat16 (this machine has {memory:.0f} GiB), mlx's CPU gather_mm (the experts) "
+                    "takes float32 only, and a decoder pass would take minutes"
                 )
                 print(f"\n== {name}: skipped: {skipped[name]}")
                 continue
