@@ -31,9 +31,10 @@ Each implementation runs in its own process (benchmarks/speed_workers.py), with
 the same environment: on Linux, Debian's OpenBLAS is preloaded when installed
 (apt-get install libopenblas0-pthread; it takes torch's sgemm_ calls too), and
 each worker reports the BLAS its matrix products call. On a 2-core CPU a full
-run takes about 50 minutes, most of it body-heavy-8k (each implementation
-prefills 8192 tokens 1 + warm-up + repeats times, 45-90 s each); --configs can
-leave it out.
+run takes about 35-40 minutes, two thirds of it body-heavy-8k (each
+implementation prefills 8192 tokens 1 + warm-up + repeats times, 45-90 s each;
+--configs can leave it out); --quick takes about 20 minutes, medium-real-vocab
+alone about 7.
 
 Weights: random (tests/reference.py's build_reference), saved once per model with
 transformers' save_pretrained under benchmarks/.cache/speed/, in the
