@@ -187,6 +187,7 @@ def run_ours(spec, results):
     import mlx_diffusiongemma
     from mlx_diffusiongemma import generate as generate_module
     from mlx_diffusiongemma import load_model, stream_diffusion_generate
+    from mlx_diffusiongemma.sampling import Randomness, predict
 
     results["module"] = os.path.dirname(mlx_diffusiongemma.__file__)
     mlx_common(spec, results, mx)
@@ -213,15 +214,15 @@ def run_ours(spec, results):
     results.measure("commit", lambda: repeat(spec, commit, setup=lambda: copy.deepcopy(cache)))
     results.measure("decoder", lambda: repeat(spec, lambda _: mx.eval(model.decode(canvas, cache))))
     logits = model.decode(canvas, cache)
-    processed = logits / TEMPERATURE
-    mx.eval(processed)
-    sc = processed if processed.dtype == model.dtype else processed.astype(model.dtype)
+    # the self-conditioning input the loop itself passes (probabilities in float32 models)
+    prediction = predict(logits, mx.array(TEMPERATURE, mx.float32), Randomness(spec["seed"]))
+    sc = generate_module._self_conditioning(prediction, model.dtype)
     mx.eval(sc)
-    results.measure("decoder_sc", lambda: repeat(spec, lambda _: mx.eval(model.decode(canvas, cache, sc))))
+    results.measure("decoder_sc", lambda: repeat(spec, lambda _: mx.eval(model.decode(canvas, cache, **sc))))
     results.measure("sampler", lambda: ours_sampler(spec, model, cache, canvas, logits, mx))
     results["sampler_method"] = "direct: denoise_canvas driven by a model whose decode returns fixed logits"
     results.measure("attention_context", lambda: ours_attention(spec, model, mx))
-    del cache, logits, processed, sc
+    del cache, logits, prediction, sc
 
     # The real loop: one canvas of N steps, adaptive stopping off, no eos. The
     # response times the prompt (prefill) and the canvas (generation) apart.
@@ -258,7 +259,7 @@ def ours_sampler(spec, model, cache, canvas, logits, mx):
     class FixedLogits:
         args, dtype = model.args, model.dtype
 
-        def decode(self, canvas_ids, cache, self_conditioning_logits=None):
+        def decode(self, canvas_ids, cache, **self_conditioning):
             return logits
 
     steps = 1 + spec["warmup"] + spec["repeats"]

@@ -211,9 +211,10 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
         canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
         done = stopping(prediction.argmax, prediction.entropy)
         self_conditioning = _self_conditioning(prediction, model.dtype)
-        kept_count, mean_entropy = kept.sum(), prediction.entropy.mean()
-        mx.async_eval(canvas, prediction.argmax, self_conditioning, kept_count, mean_entropy)
-        yield prediction.argmax, kept_count, mean_entropy
+        argmax, kept_count, mean_entropy = prediction.argmax, kept.sum(), prediction.entropy.mean()
+        del prediction  # its processed logits are vocabulary-sized: keep only what the next step reads
+        mx.async_eval(canvas, argmax, self_conditioning, kept_count, mean_entropy)
+        yield argmax, kept_count, mean_entropy
         if done.item():  # the step's one host synchronisation
             return
 
