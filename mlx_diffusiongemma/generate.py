@@ -15,7 +15,6 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import render_prompt, split_thinking
-from .load import load
 from .sampling import (
     ConfidenceAcceptance,
     EntropyBoundAcceptance,
