@@ -1,5 +1,6 @@
 """`python -m mlx_diffusiongemma`: the embedded demo model sorts a digit string
-(`--prompt`, else a random one) by parallel denoising. In a terminal the canvas
+(`--prompt`, else a random one, drawn from `--seed` when given so the whole
+run repeats) by parallel denoising. In a terminal the canvas
 converges live; then the answer and a statistics line. Needs no network and no
 download. Every other flag is generate's."""
 
@@ -24,9 +25,10 @@ def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m mlx_diffusiongemma", add_help=False)
     parser.add_argument("--prompt", "-p", type=checked(str, demo_prompt), default=None)
     args, rest = parser.parse_known_args(argv)
-    prompt = args.prompt or problem(random.Random())[0]
-    forwarded = ["--model", "demo", "--prompt", prompt, *rest]
-    parse_args(forwarded)  # --help and usage errors come before the header
+    forwarded = ["--model", "demo", "--prompt", args.prompt or "0", *rest]
+    seed = parse_args(forwarded)[1].seed  # --help and usage errors come before the header
+    prompt = args.prompt or problem(random.Random(seed))[0]
+    forwarded[3] = prompt
     print(f"demo model (trained by this package to sort digits), prompt: {prompt}", flush=True)
     return generate(forwarded)
 
