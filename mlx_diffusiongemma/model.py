@@ -21,7 +21,7 @@ from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softcap
 from mlx_lm.models.rope_utils import initialize_rope
-from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+from mlx_lm.models.switch_layers import SwitchLinear
 
 MODEL_TYPE = "diffusion_gemma"
 # The vision tower's weights: a text-only port drops them (mlx-vlm reads them).
@@ -308,15 +308,24 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
-        do_sort = indices.size >= 64  # sorted expert access pays off past a few tokens
-        idx, inv_order = indices, None
-        if do_sort:
-            x, idx, inv_order = _gather_sort(x, indices)
-        gate, up = mx.split(self.gate_up_proj(x, idx, sorted_indices=do_sort), 2, axis=-1)
-        y = self.down_proj(geglu(gate, up), idx, sorted_indices=do_sort)
-        if do_sort:
-            y = _scatter_unsort(y, inv_order, indices.shape)
+        if indices.size < 64:  # sorted expert access pays off past a few tokens
+            gate, up = mx.split(self.gate_up_proj(x, indices), 2, axis=-1)
+            y = self.down_proj(geglu(gate, up), indices)
+        else:
+            rows, order = _by_expert(x, indices)
+            experts = indices.flatten()[order]
+            gate, up = mx.split(self.gate_up_proj(rows, experts, sorted_indices=True), 2, axis=-1)
+            y = self.down_proj(geglu(gate, up), experts, sorted_indices=True)
+            y = y[mx.argsort(order)].reshape(*indices.shape, *y.shape[-2:])
         return (y.squeeze(-2) * mx.expand_dims(weights, -1)).sum(-2)
+
+
+def _by_expert(x: mx.array, indices: mx.array) -> tuple:
+    """One row of x per (token, chosen expert), grouped by expert so each
+    expert's weights are read once, and the order that groups them.
+    x: [..., 1, 1, H], indices: [..., k]."""
+    order = mx.argsort(indices.flatten())
+    return x.reshape(-1, 1, x.shape[-1])[order // indices.shape[-1]], order
 
 
 class TransformerLayer(nn.Module):

@@ -66,6 +66,20 @@ def test_every_stage_matches_reference(pair):
     _close(ref.decode(next_canvas), model.decode(next_canvas, cache), "decode after commit")
 
 
+def test_long_chunks_match_reference(pair):
+    # 40 tokens x 2 experts: the experts' expert-sorted path (64 rows and up),
+    # which the short chunks above never take
+    reference, model = pair
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, VOCAB, 40).tolist()
+    canvas = rng.integers(0, VOCAB, CANVAS).tolist()
+    ref = ReferenceRunner(reference)
+    ref.encode(prompt)
+    cache = model.make_cache()
+    model.encode(prompt, cache, chunk_size=40)
+    _close(ref.decode(canvas), model.decode(canvas, cache), "decode after a 40-token chunk")
+
+
 def test_decode_leaves_cache_untouched(pair):
     _, model = pair
     cache = model.make_cache()
