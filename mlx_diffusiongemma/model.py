@@ -10,6 +10,7 @@ lists exactly the keys of a converted checkpoint.
 
 import copy
 import math
+from functools import partial
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional
@@ -194,30 +195,35 @@ class ModelArgs(BaseModelArgs):
         )
 
 
-def _context(cache, keys: bool) -> Optional[mx.array]:
-    """The cached keys (or values) the decoder sees, in temporal order.
+class _Context:
+    """A layer cache as the decoder reads it: the cached keys and values in
+    temporal order (None when empty) and the offset, an array so a compiled
+    decoder is not retraced per canvas. Read-only: `update_and_fetch` returns
+    a chunk's keys and values after the context and stores nothing.
 
     A sliding layer keeps the last `window - 1` context tokens, as the
     reference's sliding cache does; a full layer keeps them all.
     """
-    if cache.keys is None:
-        return None
-    v = cache.keys if keys else cache.values
-    if isinstance(cache, RotatingKVCache):
-        v = cache._temporal_order(v)
-        return v[..., -min(cache.max_size - 1, cache.offset) :, :]
-    return v[..., : cache.offset, :]
 
+    def __init__(self, keys: Optional[mx.array], values: Optional[mx.array], offset):
+        self.keys, self.values, self.offset = keys, values, offset
 
-def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
-    """A chunk's keys and values after the cached context, the cache untouched."""
-    past_keys = _context(cache, keys=True)
-    if past_keys is None:
-        return keys, values
-    return (
-        mx.concatenate([past_keys, keys], axis=2),
-        mx.concatenate([_context(cache, keys=False), values], axis=2),
-    )
+    @classmethod
+    def read(cls, cache) -> "_Context":
+        if cache.keys is None:
+            return cls(None, None, cache.offset)
+        if isinstance(cache, RotatingKVCache):
+            # the one private name the model uses; mlx-lm is pinned below 0.33 for it
+            last = slice(-min(cache.max_size - 1, cache.offset), None)
+            keys, values = (cache._temporal_order(v)[..., last, :] for v in (cache.keys, cache.values))
+        else:
+            keys, values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+        return cls(keys, values, cache.offset)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
+        if self.keys is None:
+            return keys, values
+        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
 
 
 class _Lookahead:
@@ -234,7 +240,7 @@ class _Lookahead:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         self.keys, self.values = keys, values
-        return _with_context(self.cache, keys, values)
+        return _Context.read(self.cache).update_and_fetch(keys, values)
 
 
 class Attention(nn.Module):
@@ -263,11 +269,9 @@ class Attention(nn.Module):
             max_position_embeddings=args.max_position_embeddings,
         )
 
-    def __call__(self, x: mx.array, cache, mask, commit: bool) -> mx.array:
-        """`commit=True` appends this chunk to the cache (encoder); otherwise the
-        chunk attends to the cached context plus itself and the cache is untouched."""
+    def project(self, x: mx.array, offset) -> tuple:
+        """Queries, keys and values [B, heads, L, head_dim] of a chunk at `offset`."""
         B, L, _ = x.shape
-        offset = cache.offset
         q = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
         k_raw = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim) if self.is_sliding else k_raw
@@ -275,11 +279,15 @@ class Attention(nn.Module):
         q = self.rope(q.transpose(0, 2, 1, 3), offset=offset)
         k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset=offset)
         v = self.v_norm(v).transpose(0, 2, 1, 3)
+        return q, k, v
 
-        k, v = cache.update_and_fetch(k, v) if commit else _with_context(cache, k, v)
+    def output(self, attended: mx.array) -> mx.array:
+        B, _, L, _ = attended.shape
+        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-        out = scaled_dot_product_attention(q, k, v, cache=None, scale=1.0, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+def attend(q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
+    return scaled_dot_product_attention(q, k, v, cache=None, scale=1.0, mask=mask)
 
 
 class MLP(nn.Module):
@@ -345,10 +353,19 @@ class TransformerLayer(nn.Module):
         self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, cache, mask, commit: bool, layer_scalar: mx.array) -> mx.array:
-        h = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cache, mask, commit)
-        )
+    def __call__(self, x, cache, mask, layer_scalar: mx.array) -> mx.array:
+        """The chunk attends to what `cache.update_and_fetch` gives: a layer
+        cache appends it (encoder), a `_Context` only reads (decoder)."""
+        q, k, v = self.project(x, cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        return self.finish(x, attend(q, k, v, mask), layer_scalar)
+
+    def project(self, x: mx.array, offset) -> tuple:
+        return self.self_attn.project(self.input_layernorm(x), offset)
+
+    def finish(self, x: mx.array, attended: mx.array, layer_scalar: mx.array) -> mx.array:
+        """Everything after the attention itself: its output projection and the feed-forward blocks."""
+        h = x + self.post_attention_layernorm(self.self_attn.output(attended))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
         indices, weights = self.router(h)  # the router reads the raw residual
         sparse = self.post_feedforward_layernorm_2(
@@ -516,7 +533,7 @@ class Model(nn.Module):
         for layer, scalar, c, kind in zip(self.layers, scalars, cache, self.args.layer_types):
             sliding = kind == "sliding_attention"
             mask = c.make_mask(L, return_array=False, window_size=window if sliding else None)
-            h = layer(h, c, mask, commit=True, layer_scalar=scalar.layer_scalar)
+            h = layer(h, c, mask, layer_scalar=scalar.layer_scalar)
         # In generation the cache is the encoder's output; training's optional
         # autoregressive loss reads h through the shared final norm and head.
         return h
@@ -537,8 +554,57 @@ class Model(nn.Module):
         (weights [B, C, V], total [B, C, 1]) with probs = weights / total, which
         saves a softmax over the logits (the division follows the product).
         """
+        segments, offset = self._segments, mx.array(cache[0].offset, dtype=mx.int32)
+        h, q, k, v = segments[0](
+            _token_batch(canvas_ids), None, offset, self_conditioning_logits, self_conditioning_probs
+        )
+        for segment, c in zip(segments[1:], cache):
+            k, v = _Context.read(c).update_and_fetch(k, v)
+            out = segment(h, attend(q, k, v), offset)
+            if segment is not segments[-1]:
+                h, q, k, v = out
+        return out
+
+    @property
+    def _segments(self) -> list:
+        """The decoder compiled between attentions: the embedding, then each
+        layer's feed-forward half with the next layer's projections, then the
+        head. Their shapes are the canvas's, so neither a step nor a canvas
+        retraces them (the offset is an array); the attention over the growing
+        context runs between them. Each reads its modules' weights at every
+        call, so updated weights are never stale, and modules swapped for
+        others (quantization) give new segments."""
+        decoder, layers = self.model.decoder, self.layers
+        ends = [[decoder.embed_tokens, decoder.self_conditioning]] + [[layer] for layer in layers]
+        ends[-1] += [decoder.norm, decoder.embed_tokens]
+        modules = tuple(id(m) for end in ends for m in end)
+        built = self.__dict__.get("_compiled_segments")
+        if built is None or built[0] != modules:
+            segments = [
+                mx.compile(partial(self._segment, i), inputs=[end, *([layers[i]] if i < len(layers) else [])])
+                for i, end in enumerate(ends)
+            ]
+            built = self.__dict__["_compiled_segments"] = (modules, segments)
+        return built[1]
+
+    def __getstate__(self):
+        # a copy (mlx-lm's DWQ deep-copies the model) compiles against its own weights
+        return {k: v for k, v in self.__dict__.items() if k != "_compiled_segments"}
+
+    def _segment(self, i: int, h, attended, offset, self_conditioning_logits=None, self_conditioning_probs=None):
+        """Segment i of the decoder: ids to the first projections (i = 0),
+        layer i-1's second half to layer i's projections, or to the logits."""
+        if i == 0:
+            h = self._conditioned_embedding(h, self_conditioning_logits, self_conditioning_probs)
+        else:
+            layer = self.layers[i - 1]
+            h = layer.finish(h, attended, layer.layer_scalar)
+        if i == len(self.layers):
+            return self.head(h)
+        return (h, *self.layers[i].project(h, offset))
+
+    def _conditioned_embedding(self, ids, self_conditioning_logits, self_conditioning_probs) -> mx.array:
         decoder = self.model.decoder
-        ids = _token_batch(canvas_ids)
         h = self._embed(ids)
         soft = None
         if self_conditioning_logits is not None:
@@ -549,10 +615,7 @@ class Model(nn.Module):
             soft = soft_embed(decoder.embed_tokens, weights.astype(h.dtype)) / total.astype(h.dtype)
         if soft is not None:
             soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
-        h = decoder.self_conditioning(h, soft)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, c, None, commit=False, layer_scalar=layer.layer_scalar)
-        return self.head(h)
+        return decoder.self_conditioning(h, soft)
 
     def head(self, h: mx.array) -> mx.array:
         """Final norm, tied lm_head, float32 tanh softcap."""
