@@ -13,6 +13,7 @@ from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import generation_stream, wired_limit
 
 from .chat import render_prompt, split_thinking
 from .sampling import (
@@ -204,15 +205,16 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
     acceptance.reset()
     stopping.reset()
     for cur_step in range(N, 0, -1):
-        logits = model.decode(canvas, cache, **self_conditioning)
-        prediction = predict(logits, linear_temperature(cur_step, N, opts.t_min, opts.t_max), randomness)
-        accepted, kept = acceptance(canvas, prediction)
-        canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
-        done = stopping(prediction.argmax, prediction.entropy)
-        self_conditioning = _self_conditioning(prediction, model.dtype)
-        argmax, kept_count, mean_entropy = prediction.argmax, kept.sum(), prediction.entropy.mean()
-        del prediction  # its processed logits are vocabulary-sized: keep only what the next step reads
-        mx.async_eval(canvas, argmax, self_conditioning, kept_count, mean_entropy)
+        with mx.stream(generation_stream):
+            logits = model.decode(canvas, cache, **self_conditioning)
+            prediction = predict(logits, linear_temperature(cur_step, N, opts.t_min, opts.t_max), randomness)
+            accepted, kept = acceptance(canvas, prediction)
+            canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
+            done = stopping(prediction.argmax, prediction.entropy)
+            self_conditioning = _self_conditioning(prediction, model.dtype)
+            argmax, kept_count, mean_entropy = prediction.argmax, kept.sum(), prediction.entropy.mean()
+            del logits, prediction  # vocabulary-sized: keep only what the next step reads
+            mx.async_eval(canvas, argmax, self_conditioning, kept_count, mean_entropy)
         yield argmax, kept_count, mean_entropy
         if done.item():  # the step's one host synchronisation
             return
@@ -276,71 +278,75 @@ def stream_diffusion_generate(
     stopping = StableAndConfidentStopping(opts.stability_threshold, opts.confidence_threshold)
     detokenizer = None if tokenizer is None else tokenizer.detokenizer
 
-    start = time.perf_counter()
-    cache = model.make_cache()
-    # Prefill as mlx-lm's generate_step does: chunks of 2048, then the last token
-    # alone. mlx_lm.generate driving our model then builds a bit-identical cache,
-    # and so (same seed) the same text.
-    if prompt.size > 1:
-        model.encode(prompt[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
-    model.encode(prompt[-1:], cache)
-    prompt_time = time.perf_counter() - start
+    # as mlx-lm's generate: weights wired on Metal, compute on its generation stream
+    with wired_limit(model, [generation_stream]):
+        start = time.perf_counter()
+        cache = model.make_cache()
+        # Prefill as mlx-lm's generate_step does: chunks of 2048, then the last token
+        # alone. mlx_lm.generate driving our model then builds a bit-identical cache,
+        # and so (same seed) the same text.
+        with mx.stream(generation_stream):
+            if prompt.size > 1:
+                model.encode(prompt[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
+            model.encode(prompt[-1:], cache)
+        prompt_time = time.perf_counter() - start
 
-    sequence, tokens, passes, finish_reason = [], [], 0, "length"
-    canvases = min(math.ceil(opts.max_tokens / C), room)
-    for index in range(canvases):
-        # drawn even when the caller gives a canvas, as the reference does
-        canvas = randomness.uniform_ids((1, C), V)
-        if index == 0 and first_canvas is not None:
-            canvas = first_canvas[None]
-        steps = denoise_canvas(model, cache, canvas, opts, randomness, acceptance, stopping)
-        for step, (argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
-            passes += 1
-            draft = Draft(index, step, argmax[0], kept_count, mean_entropy, tokenizer)
-            yield draft
+        sequence, tokens, passes, finish_reason = [], [], 0, "length"
+        canvases = min(math.ceil(opts.max_tokens / C), room)
+        for index in range(canvases):
+            # drawn even when the caller gives a canvas, as the reference does
+            canvas = randomness.uniform_ids((1, C), V)
+            if index == 0 and first_canvas is not None:
+                canvas = first_canvas[None]
+            steps = denoise_canvas(model, cache, canvas, opts, randomness, acceptance, stopping)
+            for step, (argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
+                passes += 1
+                draft = Draft(index, step, argmax[0], kept_count, mean_entropy, tokenizer)
+                yield draft
 
-        committed = draft.tokens  # a fresh list: the reference's padding must not reach the event
-        eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
-        room_left = opts.max_tokens - len(tokens)
-        new = committed[: min(room_left, C if eos is None else eos)]
-        if eos is not None:
-            finish_reason = "stop" if eos < room_left else "length"
-            if opts.pad_token_id is not None:  # the reference pads what follows the first eos
-                committed[eos + 1 :] = [opts.pad_token_id] * (C - eos - 1)
-        sequence.extend(committed)
-        tokens.extend(new)
-        segment = ""
-        if detokenizer is not None:
-            for t in new:
-                detokenizer.add_token(t)
-            if eos is not None or index == canvases - 1:
-                detokenizer.finalize()
-            segment = detokenizer.last_segment
-        yield Commit(index, new, segment)
-        if eos is not None:
-            break
-        if index + 1 < canvases:
-            model.encode(argmax, cache)  # the next canvas attends to this one
+            committed = draft.tokens  # a fresh list: the reference's padding must not reach the event
+            eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
+            room_left = opts.max_tokens - len(tokens)
+            new = committed[: min(room_left, C if eos is None else eos)]
+            if eos is not None:
+                finish_reason = "stop" if eos < room_left else "length"
+                if opts.pad_token_id is not None:  # the reference pads what follows the first eos
+                    committed[eos + 1 :] = [opts.pad_token_id] * (C - eos - 1)
+            sequence.extend(committed)
+            tokens.extend(new)
+            segment = ""
+            if detokenizer is not None:
+                for t in new:
+                    detokenizer.add_token(t)
+                if eos is not None or index == canvases - 1:
+                    detokenizer.finalize()
+                segment = detokenizer.last_segment
+            yield Commit(index, new, segment)
+            if eos is not None:
+                break
+            if index + 1 < canvases:
+                with mx.stream(generation_stream):
+                    model.encode(argmax, cache)  # the next canvas attends to this one
 
-    elapsed = time.perf_counter() - start
-    generation_time = max(elapsed - prompt_time, 1e-9)
-    thinking, text = split_thinking(tokenizer, tokens) if tokenizer is not None else ("", "")
-    valid = len(sequence) if opts.pad_token_id is None else sum(t != opts.pad_token_id for t in sequence)
-    yield DiffusionResponse(
-        text=text,
-        thinking=thinking,
-        tokens=tokens,
-        finish_reason=finish_reason,
-        prompt_tokens=prompt.size,
-        prompt_tps=prompt.size / max(prompt_time, 1e-9),
-        generation_tokens=len(tokens),
-        generation_tps=len(tokens) / generation_time,
-        peak_memory=mx.get_peak_memory() / 1e9,
-        canvases=len(sequence) // C,
-        denoising_steps=passes,
-        tokens_per_forward=valid / passes,
-        wall_time=elapsed,
-    )
+        elapsed = time.perf_counter() - start
+        generation_time = max(elapsed - prompt_time, 1e-9)
+        thinking, text = split_thinking(tokenizer, tokens) if tokenizer is not None else ("", "")
+        valid = len(sequence) if opts.pad_token_id is None else sum(t != opts.pad_token_id for t in sequence)
+        yield DiffusionResponse(
+            text=text,
+            thinking=thinking,
+            tokens=tokens,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt.size,
+            prompt_tps=prompt.size / max(prompt_time, 1e-9),
+            generation_tokens=len(tokens),
+            generation_tps=len(tokens) / generation_time,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            canvases=len(sequence) // C,
+            denoising_steps=passes,
+            tokens_per_forward=valid / passes,
+            wall_time=elapsed,
+        )
 
 
 def diffusion_generate(model, tokenizer, prompt, **kwargs) -> DiffusionResponse:

@@ -110,16 +110,18 @@ def predict(logits: mx.array, temperature: mx.array, randomness) -> Prediction:
     softmax as the reference computes it (exp(x - max) / sum), entropy as
     logsumexp - E[x] from the same exponentials, the draw from their
     cumulative sums. This is the seam a fused kernel takes over."""
-    processed, weights, total, argmax, entropy = _distribution(logits, temperature)
+    weights, total, argmax, entropy = _distribution(logits, temperature)
     draw = randomness.categorical(weights).astype(mx.int32)
+    # lazy: computed (once more, the same values) only if the caller reads it
+    processed = logits / temperature
     return Prediction(processed, weights, total, argmax, entropy, draw)
 
 
 @mx.compile
 def _distribution(logits: mx.array, temperature: mx.array) -> tuple:
-    """Compiled, so the elementwise passes fuse: the division, the shift and
-    the exponential are one pass over the logits, as are the products the
-    entropy sums."""
+    """Compiled, so the elementwise passes fuse and nothing V-sized but the
+    weights is written: the division, the shift and the exponential are one
+    pass over the logits, as are the products the entropy sums."""
     processed = logits / temperature
     argmax = processed.argmax(axis=-1).astype(mx.int32)
     top = mx.take_along_axis(processed, argmax[..., None], axis=-1)
@@ -127,7 +129,7 @@ def _distribution(logits: mx.array, temperature: mx.array) -> tuple:
     weights = mx.exp(shifted)
     total = weights.sum(axis=-1, keepdims=True)
     entropy = (mx.log(total) - (weights * shifted).sum(axis=-1, keepdims=True) / total).squeeze(-1)
-    return processed, weights, total, argmax, entropy
+    return weights, total, argmax, entropy
 
 
 class EntropyBoundAcceptance:
