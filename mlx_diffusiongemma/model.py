@@ -226,6 +226,20 @@ class _Context:
         return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
 
 
+def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
+    """A canvas's keys and values after the cached context, the cache holding
+    the same tokens afterwards. A full layer's cache takes them into the slots
+    after its tokens and gives them back (trim): attention reads the context
+    where it lies, with no copy of it per step, and the next step or commit
+    overwrites those slots. A sliding layer's context, at most a window, is
+    copied in temporal order."""
+    if isinstance(cache, KVCache):
+        both = cache.update_and_fetch(keys, values)
+        cache.trim(keys.shape[2])
+        return both
+    return _Context.read(cache).update_and_fetch(keys, values)
+
+
 class _Lookahead:
     """A layer cache as the encoder sees it, with the encoder's write set
     aside instead of applied: the chunk attends to the same keys, under the
@@ -548,7 +562,7 @@ class Model(nn.Module):
         """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
 
         The canvas attends to the whole cached context and to itself in both
-        directions; the cache is never changed. The previous step's prediction
+        directions; the cache holds the same tokens afterwards. The previous step's prediction
         comes as the reference passes it, logits (softmaxed here, in float32,
         after the caller's cast), or as probabilities a sampler already holds:
         (weights [B, C, V], total [B, C, 1]) with probs = weights / total, which
@@ -559,7 +573,7 @@ class Model(nn.Module):
             _token_batch(canvas_ids), None, offset, self_conditioning_logits, self_conditioning_probs
         )
         for segment, c in zip(segments[1:], cache):
-            k, v = _Context.read(c).update_and_fetch(k, v)
+            k, v = _after_context(c, k, v)
             out = segment(h, attend(q, k, v), offset)
             if segment is not segments[-1]:
                 h, q, k, v = out
