@@ -47,6 +47,25 @@ def test_quantized_round_trip(checkpoint, tmp_path, bits, mode):
         np.testing.assert_array_equal(before, after)
 
 
+@pytest.mark.parametrize("bits,mode", [(4, "affine"), (8, "affine"), (4, "mxfp4")])
+def test_quantized_generation_never_dequantizes_a_weight(checkpoint, monkeypatch, bits, mode):
+    # Every product (attention, experts, lm_head, the self-conditioning
+    # product) runs on mlx's quantized kernels. The one dequantization allowed
+    # is the embedding lookup's, of the looked-up rows alone.
+    from mlx_diffusiongemma import diffusion_generate
+
+    model = load_model(checkpoint)
+    quantize(model, bits=bits, mode=mode)
+    # (the compiled decoder's lookups are seen once, when it is traced)
+    canvas = model.args.canvas_length
+    shapes, dequantize = [], mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: shapes.append((out := dequantize(*a, **k)).shape) or out)
+    response = diffusion_generate(model, None, list(range(3, 22)), seed=0, max_tokens=2 * canvas, eos_token_id=[])
+    assert response.canvases == 2
+    # [1, tokens, hidden]: the prefill's 18 and 1 tokens, canvases; a weight would be [out, in] or [experts, out, in]
+    assert set(shapes) == {(1, n, model.args.hidden_size) for n in (18, 1, canvas)}, shapes
+
+
 def test_recipe_bits_per_module(checkpoint):
     model = load_model(checkpoint)
     entries = quantize(model, bits=4)
