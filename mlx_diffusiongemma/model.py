@@ -330,24 +330,55 @@ class Experts(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
-        if indices.size < 64:  # sorted expert access pays off past a few tokens
-            gate, up = mx.split(self.gate_up_proj(x, indices), 2, axis=-1)
-            y = self.down_proj(geglu(gate, up), indices)
+        if indices.size < 64:  # grouping rows by expert pays off past a few tokens
+            y = self._project(x, indices, sorted_indices=False).squeeze(-2)
         else:
-            rows, order = _by_expert(x, indices)
+            order = mx.argsort(indices.flatten())
+            rows = x.reshape(-1, x.shape[-1])[order // indices.shape[-1]]  # [R, H], grouped by expert
             experts = indices.flatten()[order]
-            gate, up = mx.split(self.gate_up_proj(rows, experts, sorted_indices=True), 2, axis=-1)
-            y = self.down_proj(geglu(gate, up), experts, sorted_indices=True)
-            y = y[mx.argsort(order)].reshape(*indices.shape, *y.shape[-2:])
-        return (y.squeeze(-2) * mx.expand_dims(weights, -1)).sum(-2)
+            if _tiles_pay_off(experts.size, self.gate_up_proj.num_experts):
+                tiles, tile_experts, back = _tiles(rows, experts, self.gate_up_proj.num_experts)
+                y = self._project(tiles, tile_experts, sorted_indices=True).reshape(-1, x.shape[-1])[back]
+            else:
+                y = self._project(rows[:, None], experts, sorted_indices=True)[:, 0]
+            y = y[mx.argsort(order)].reshape(*indices.shape, -1)
+        return (y * mx.expand_dims(weights, -1)).sum(-2)
+
+    def _project(self, x: mx.array, experts: mx.array, sorted_indices: bool) -> mx.array:
+        gate, up = mx.split(self.gate_up_proj(x, experts, sorted_indices=sorted_indices), 2, axis=-1)
+        return self.down_proj(geglu(gate, up), experts, sorted_indices=sorted_indices)
 
 
-def _by_expert(x: mx.array, indices: mx.array) -> tuple:
-    """One row of x per (token, chosen expert), grouped by expert so each
-    expert's weights are read once, and the order that groups them.
-    x: [..., 1, 1, H], indices: [..., k]."""
-    order = mx.argsort(indices.flatten())
-    return x.reshape(-1, 1, x.shape[-1])[order // indices.shape[-1]], order
+ROWS_PER_TILE = 32
+
+
+def _tiles_pay_off(rows: int, num_experts: int) -> bool:
+    """mlx's CPU gather_mm multiplies row by row, reading an expert's weights
+    again for every row; tiles of one expert's rows make those matrix
+    products. Worth their padding (up to a tile per expert) once experts get
+    about half a tile of rows on average. GPU kernels group sorted rows themselves."""
+    return mx.default_device() == mx.cpu and rows * 2 >= num_experts * ROWS_PER_TILE
+
+
+def _tiles(rows: mx.array, experts: mx.array, num_experts: int) -> tuple:
+    """Rows grouped by expert ([R, H], `experts` [R] ascending) cut into tiles of
+    ROWS_PER_TILE rows of one expert each, zero-padded: ([n, T, H] tiles, [n]
+    their experts, [R] where each row lands in the flattened tiles). n is
+    static (ceil(R / T) + E bounds the tiles any routing needs), so nothing
+    waits for the routing's counts; spare tiles are all padding."""
+    R, T = experts.size, ROWS_PER_TILE
+    counts = (experts[:, None] == mx.arange(num_experts)).sum(0)
+    first_row = mx.cumsum(counts) - counts
+    tiles_per_expert = (counts + T - 1) // T
+    first_tile = mx.cumsum(tiles_per_expert) - tiles_per_expert
+    tile = mx.arange(-(-R // T) + num_experts)
+    tile_experts = (first_tile <= tile[:, None]).sum(-1) - 1
+    within = (tile - first_tile[tile_experts])[:, None] * T + mx.arange(T)  # [n, T] row within its expert
+    valid = within < counts[tile_experts][:, None]
+    source = mx.minimum(first_row[tile_experts][:, None] + within, R - 1)
+    tiles = mx.where(valid[..., None], rows[source], 0)
+    back = first_tile[experts] * T + mx.arange(R) - first_row[experts]
+    return tiles, tile_experts, back
 
 
 class TransformerLayer(nn.Module):

@@ -10,6 +10,7 @@ import pytest
 from reference import ReferenceRunner, build_reference, save_reference
 
 from mlx_diffusiongemma import load_model
+from mlx_diffusiongemma import model as model_module
 
 TOLERANCE = 1e-4
 VOCAB = 320
@@ -66,9 +67,11 @@ def test_every_stage_matches_reference(pair):
     _close(ref.decode(next_canvas), model.decode(next_canvas, cache), "decode after commit")
 
 
-def test_long_chunks_match_reference(pair):
-    # 40 tokens x 2 experts: the experts' expert-sorted path (64 rows and up),
-    # which the short chunks above never take
+@pytest.mark.parametrize("grouping", ["sorted rows", "tiles"])
+def test_long_chunks_match_reference(pair, grouping, monkeypatch):
+    # 40 tokens x 2 experts: rows grouped by expert (64 rows and up), which the
+    # short chunks above never take, in each grouping (tiles: the CPU's)
+    monkeypatch.setattr(model_module, "_tiles_pay_off", lambda rows, experts: grouping == "tiles")
     reference, model = pair
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, VOCAB, 40).tolist()
@@ -78,6 +81,22 @@ def test_long_chunks_match_reference(pair):
     cache = model.make_cache()
     model.encode(prompt, cache, chunk_size=40)
     _close(ref.decode(canvas), model.decode(canvas, cache), "decode after a 40-token chunk")
+
+
+def test_tiles_hold_each_row_once_with_its_expert():
+    # experts with no rows, with exactly a tile, with a tile and one row
+    T = model_module.ROWS_PER_TILE
+    experts = mx.array(sorted([1] * T + [2] * (T + 1) + [4] * 3 + [7]))
+    rows = mx.random.normal((experts.size, 5))
+    tiles, tile_experts, back = model_module._tiles(rows, experts, 8)
+    assert tiles.shape == (-(-experts.size // T) + 8, T, 5)
+    flat = tiles.reshape(-1, 5)
+    np.testing.assert_array_equal(np.array(flat[back]), np.array(rows))
+    np.testing.assert_array_equal(np.array(tile_experts[back // T]), np.array(experts))
+    padding = np.ones(flat.shape[0], bool)
+    padding[np.array(back)] = False
+    assert not np.array(flat)[padding].any()
+    assert np.array(tile_experts)[:5].tolist() == [1, 2, 2, 4, 7]
 
 
 def test_decode_leaves_what_the_cache_holds_untouched(pair):
