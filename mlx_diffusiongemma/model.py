@@ -426,6 +426,14 @@ def soft_embed(embedding: nn.Module, probs: mx.array) -> mx.array:
     return probs @ embedding.weight
 
 
+def soft_embed_top_k(embedding: nn.Module, ids: mx.array, probs: mx.array) -> mx.array:
+    """sum_j probs_j * embedding[ids_j] ([..., k] each -> [..., H]): the rows
+    come through the embedding itself, so a quantized table is dequantized
+    for those rows only, never copied whole."""
+    rows = embedding(ids)
+    return (probs.astype(rows.dtype)[..., None, :] @ rows).squeeze(-2)
+
+
 class GenerationConfig(Mapping):
     """generation_config.json's settings, read-only. Not a dict, which
     nn.Module would take for a child module; unlike a MappingProxyType it can be
@@ -518,6 +526,7 @@ class Model(nn.Module):
         cache: list,
         self_conditioning_logits: Optional[mx.array] = None,
         self_conditioning_probs: Optional[tuple] = None,
+        self_conditioning_top_k: Optional[tuple] = None,
     ) -> mx.array:
         """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
 
@@ -526,7 +535,10 @@ class Model(nn.Module):
         comes as the reference passes it, logits (softmaxed here, in float32,
         after the caller's cast), or as probabilities a sampler already holds:
         (weights [B, C, V], total [B, C, 1]) with probs = weights / total, which
-        saves a softmax over the logits (the division follows the product).
+        saves a softmax over the logits (the division follows the product), or
+        sparse, (ids [B, C, k], probs [B, C, k]): only those tokens' embeddings,
+        weighted by their probabilities as given (an approximation the caller
+        opts into; no [C, V] @ [V, H] product).
         """
         decoder = self.model.decoder
         ids = _token_batch(canvas_ids)
@@ -538,6 +550,8 @@ class Model(nn.Module):
         elif self_conditioning_probs is not None:
             weights, total = self_conditioning_probs
             soft = soft_embed(decoder.embed_tokens, weights.astype(h.dtype)) / total.astype(h.dtype)
+        elif self_conditioning_top_k is not None:
+            soft = soft_embed_top_k(decoder.embed_tokens, *self_conditioning_top_k).astype(h.dtype)
         if soft is not None:
             soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         h = decoder.self_conditioning(h, soft)
