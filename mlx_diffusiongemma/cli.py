@@ -8,7 +8,9 @@ import sys
 
 import mlx.core as mx
 
-from .generate import ACCEPTANCE, Commit, DiffusionOptions, DiffusionResponse, stream_diffusion_generate
+from .generate import (
+    ACCEPTANCE, SELF_CONDITIONING, Commit, DiffusionOptions, DiffusionResponse, stream_diffusion_generate,
+)
 from .load import load
 from .sampling import check_seed
 
@@ -60,6 +62,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos-token-id", type=int, nargs="*", default=None, help="none given: no eos")
     g.add_argument("--acceptance", choices=sorted(ACCEPTANCE), default=None)
     g.add_argument("--min-confidence", type=float, default=None, help="for --acceptance confidence")
+    g.add_argument("--self-conditioning", choices=SELF_CONDITIONING, default=None,
+                   help="top-k: feed back only the k most probable tokens (faster, approximate)")
+    g.add_argument("--self-conditioning-k", type=int, default=None, metavar="K", help="for --self-conditioning top-k")
     g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None,
                    help="the first canvas's start: exactly canvas_length ids (config.json)")
     return p
@@ -107,7 +112,8 @@ def statistics_line(r: DiffusionResponse) -> str:
 
 _OPTION_FLAGS = (
     "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-    "confidence_threshold", "eos_token_id", "acceptance", "min_confidence",
+    "confidence_threshold", "eos_token_id", "acceptance", "min_confidence", "self_conditioning",
+    "self_conditioning_k",
 )
 
 

@@ -24,10 +24,12 @@ from .sampling import (
     linear_temperature,
     predict,
     renoise,
+    top_k_indices,
 )
 
 PREFILL_STEP_SIZE = 2048  # mlx-lm's default
 ACCEPTANCE = ("entropy_bound", "confidence")
+SELF_CONDITIONING = ("exact", "top-k")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class DiffusionOptions:
     pad_token_id: Optional[int] = None  # None: tokens_per_forward counts every generated token
     acceptance: str = "entropy_bound"  # or "confidence"
     min_confidence: float = 0.9  # for acceptance="confidence"
+    self_conditioning: str = "exact"  # or "top-k": the k most probable tokens' embeddings only
+    # 64: k >= 4 matched exact on all 400 study runs (V 260); 64 keeps a margin at 1/3 the dense cost (V 262144)
+    self_conditioning_k: int = 64  # for self_conditioning="top-k"
 
     @classmethod
     def resolve(cls, model, tokenizer, overrides: dict) -> "DiffusionOptions":
@@ -98,6 +103,11 @@ class DiffusionOptions:
         value = values.get("min_confidence", 1)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
             raise ValueError(f"min_confidence must be in (0, 1], got {value!r}")
+        if values.get("self_conditioning", SELF_CONDITIONING[0]) not in SELF_CONDITIONING:
+            raise ValueError(
+                f"self_conditioning must be one of {sorted(SELF_CONDITIONING)}, got {values['self_conditioning']!r}"
+            )
+        integer("self_conditioning_k", 1)
 
     def check_token_ids(self, vocab_size: int) -> None:
         """The rules that need the model's vocabulary."""
@@ -201,6 +211,7 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
     argmax canvas, the count of positions kept and the mean entropy after each
     step (mlx arrays); the last argmax is the canvas to commit."""
     C, V, N = model.args.canvas_length, model.args.vocab_size, opts.max_denoising_steps
+    top_k = opts.self_conditioning_k if opts.self_conditioning == "top-k" else None
     self_conditioning = {}
     acceptance.reset()
     stopping.reset()
@@ -211,7 +222,7 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
             accepted, kept = acceptance(canvas, prediction)
             canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
             done = stopping(prediction.argmax, prediction.entropy)
-            self_conditioning = _self_conditioning(prediction, model.dtype)
+            self_conditioning = _self_conditioning(prediction, model.dtype, top_k)
             argmax, kept_count, mean_entropy = prediction.argmax, kept.sum(), prediction.entropy.mean()
             del logits, prediction  # vocabulary-sized: keep only what the next step reads
             mx.async_eval(canvas, argmax, self_conditioning, kept_count, mean_entropy)
@@ -220,11 +231,23 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
             return
 
 
-def _self_conditioning(prediction, dtype: mx.Dtype) -> dict:
+def _self_conditioning(prediction, dtype: mx.Dtype, top_k: Optional[int] = None) -> dict:
     """The next decoder call's self-conditioning input. The reference passes
     the processed logits cast to the embedding dtype and softmaxes them in
     float32; in a float32 model that cast changes nothing, so the step's own
-    probabilities are the same and save a softmax over the logits."""
+    probabilities are the same and save a softmax over the logits.
+
+    With `top_k` below the vocabulary size, only the k most probable tokens
+    and their exact probabilities (weights / total, in float32 whatever the
+    dtype), not renormalised over the k: each kept term of the embedding sum
+    is the exact mode's term, only the tail is dropped. This skips the
+    [C, V] @ [V, H] product. k >= V keeps every term: that is the exact mode,
+    so it takes the exact path (the same sum in another order rounds
+    differently, and the feedback amplifies that into other tokens)."""
+    if top_k is not None and top_k < prediction.weights.shape[-1]:
+        ids = top_k_indices(prediction.weights, top_k)
+        probs = mx.take_along_axis(prediction.weights, ids, axis=-1) / prediction.total
+        return {"self_conditioning_top_k": (ids, probs)}
     if dtype == mx.float32:
         return {"self_conditioning_probs": (prediction.weights, prediction.total)}
     return {"self_conditioning_logits": prediction.processed.astype(dtype)}

@@ -497,6 +497,14 @@ def soft_embed(embedding: nn.Module, probs: mx.array) -> mx.array:
     return probs @ embedding.weight
 
 
+def soft_embed_top_k(embedding: nn.Module, ids: mx.array, probs: mx.array) -> mx.array:
+    """sum_j probs_j * embedding[ids_j] ([..., k] each -> [..., H]): the rows
+    come through the embedding itself, so a quantized table is dequantized
+    for those rows only, never copied whole."""
+    rows = embedding(ids)
+    return (probs.astype(rows.dtype)[..., None, :] @ rows).squeeze(-2)
+
+
 class GenerationConfig(Mapping):
     """generation_config.json's settings, read-only. Not a dict, which
     nn.Module would take for a child module; unlike a MappingProxyType it can be
@@ -589,19 +597,27 @@ class Model(nn.Module):
         cache: list,
         self_conditioning_logits: Optional[mx.array] = None,
         self_conditioning_probs: Optional[tuple] = None,
+        self_conditioning_top_k: Optional[tuple] = None,
     ) -> mx.array:
         """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
 
         The canvas attends to the whole cached context and to itself in both
-        directions; the cache holds the same tokens afterwards. The previous step's prediction
-        comes as the reference passes it, logits (softmaxed here, in float32,
-        after the caller's cast), or as probabilities a sampler already holds:
+        directions; the cache holds the same tokens afterwards. The previous
+        step's prediction comes as the reference passes it, logits (softmaxed
+        here, in float32, after the caller's cast), or as probabilities a
+        sampler already holds:
         (weights [B, C, V], total [B, C, 1]) with probs = weights / total, which
-        saves a softmax over the logits (the division follows the product).
+        saves a softmax over the logits (the division follows the product), or
+        sparse, (ids [B, C, k], probs [B, C, k]): only those tokens' embeddings,
+        weighted by their probabilities as given (an approximation the caller
+        opts into; no [C, V] @ [V, H] product).
         """
         segments, offset = self._segments, mx.array(cache[0].offset, dtype=mx.int32)
         h, q, k, v = segments[0](
-            _token_batch(canvas_ids), None, offset, self_conditioning_logits, self_conditioning_probs
+            _token_batch(canvas_ids),
+            None,
+            offset,
+            (self_conditioning_logits, self_conditioning_probs, self_conditioning_top_k),
         )
         for segment, c in zip(segments[1:], cache):
             k, v = _after_context(c, k, v)
@@ -636,11 +652,12 @@ class Model(nn.Module):
         # a copy (mlx-lm's DWQ deep-copies the model) compiles against its own weights
         return {k: v for k, v in self.__dict__.items() if k != "_compiled_segments"}
 
-    def _segment(self, i: int, h, attended, offset, self_conditioning_logits=None, self_conditioning_probs=None):
-        """Segment i of the decoder: ids to the first projections (i = 0),
-        layer i-1's second half to layer i's projections, or to the logits."""
+    def _segment(self, i: int, h, attended, offset, self_conditioning=None):
+        """Segment i of the decoder: ids to the first projections (i = 0,
+        with decode's three self-conditioning inputs), layer i-1's second
+        half to layer i's projections, or to the logits."""
         if i == 0:
-            h = self._conditioned_embedding(h, self_conditioning_logits, self_conditioning_probs)
+            h = self._conditioned_embedding(h, *self_conditioning)
         else:
             layer = self.layers[i - 1]
             h = layer.finish(h, attended, layer.layer_scalar)
@@ -648,7 +665,7 @@ class Model(nn.Module):
             return self.head(h)
         return (h, *self.layers[i].project(h, offset))
 
-    def _conditioned_embedding(self, ids, self_conditioning_logits, self_conditioning_probs) -> mx.array:
+    def _conditioned_embedding(self, ids, self_conditioning_logits, self_conditioning_probs, self_conditioning_top_k):
         decoder = self.model.decoder
         h = self._embed(ids)
         soft = None
@@ -658,6 +675,8 @@ class Model(nn.Module):
         elif self_conditioning_probs is not None:
             weights, total = self_conditioning_probs
             soft = soft_embed(decoder.embed_tokens, weights.astype(h.dtype)) / total.astype(h.dtype)
+        elif self_conditioning_top_k is not None:
+            soft = soft_embed_top_k(decoder.embed_tokens, *self_conditioning_top_k).astype(h.dtype)
         if soft is not None:
             soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         return decoder.self_conditioning(h, soft)

@@ -25,7 +25,7 @@ def model(chat_checkpoint):
 
 
 def uncompiled(model, canvas, cache):
-    h = model._conditioned_embedding(canvas, None, None)
+    h = model._conditioned_embedding(canvas, None, None, None)
     for layer, c in zip(model.layers, cache):
         h = layer(h, _Context.read(c), None, layer.layer_scalar)
     return model.head(h)
