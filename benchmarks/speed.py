@@ -68,7 +68,7 @@ MLX_VLM = "mlx-vlm==0.7.10"
 # audio, video, server, are not needed for text generation)
 MLX_VLM_IMPORTS = {"requests": "requests", "urllib3": "urllib3", "charset_normalizer": "charset_normalizer",
                    "certifi": "certifi", "idna": "idna", "PIL": "Pillow"}
-IMPLS = ("ours", "mlx-vlm", "transformers")
+IMPLS = ("ours", "ours-top-k", "mlx-vlm", "transformers")  # ours-top-k: self_conditioning="top-k" (k 64)
 
 
 def layer_types(n):
@@ -291,7 +291,7 @@ def ratio(ours, peer, kind):
 def print_table(name, results, impls):
     print(f"\n== {name}: {describe(name)}")
     shown = [i for i in impls if i in results]
-    peers = [i for i in shown if i != "ours"] if "ours" in shown else []
+    peers = [i for i in shown if not i.startswith("ours")] if "ours" in shown else []
     header = f"{'measure':<26}" + "".join(f"{i:>15}" for i in shown) + "".join(f"{'vs ' + p:>17}" for p in peers)
     print(header)
     print("-" * len(header))
@@ -303,6 +303,11 @@ def print_table(name, results, impls):
         cells = "".join(f"{('error' if errors[i] else fmt(values[i], kind)):>15}" for i in shown)
         ratios = "".join(f"{ratio(values['ours'], values[p], kind):>17}" for p in peers)
         print(f"{label:<26}{cells}{ratios}")
+    if "ours-top-k" in shown:
+        for p in peers:
+            summary = lambda i, key: results[i].get("summary", {}).get(key)  # noqa: E731
+            print(f"ours-top-k vs {p}: full step {ratio(summary('ours-top-k', 'step'), summary(p, 'step'), 'time')}, "
+                  f"canvas {ratio(summary('ours-top-k', 'canvas'), summary(p, 'canvas'), 'rate')}")
     for i in shown:
         r = results[i]
         if r.get("error"):
@@ -394,7 +399,7 @@ def main():
             variants = [("real-26b-bf16", None), ("real-26b-4bit", 4)]
             base = dict(checkpoint=str(real_26b_checkpoint(env, python)), random_init=True,
                         canvas_length=256, vocab_size=262144)
-            impls = [i for i in args.impls if i in ("ours", "mlx-vlm")]
+            impls = [i for i in args.impls if i in ("ours", "ours-top-k", "mlx-vlm")]
             if "transformers" in args.impls:
                 print(f"{name}: transformers not run: a 26B model on torch's CPU build")
         else:

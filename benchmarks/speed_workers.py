@@ -216,7 +216,9 @@ def run_ours(spec, results):
     logits = model.decode(canvas, cache)
     # the self-conditioning input the loop itself passes (probabilities in float32 models)
     prediction = predict(logits, mx.array(TEMPERATURE, mx.float32), Randomness(spec["seed"]))
-    sc = generate_module._self_conditioning(prediction, model.dtype)
+    mode = spec.get("self_conditioning", "exact")
+    top_k = generate_module.DiffusionOptions.self_conditioning_k if mode == "top-k" else None
+    sc = generate_module._self_conditioning(prediction, model.dtype, top_k)
     mx.eval(sc)
     results.measure("decoder_sc", lambda: repeat(spec, lambda _: mx.eval(model.decode(canvas, cache, **sc))))
     results.measure("sampler", lambda: ours_sampler(spec, model, cache, canvas, logits, mx))
@@ -230,7 +232,8 @@ def run_ours(spec, results):
         out = {"canvas": [], "step": [], "prefill": []}
         for i in range(spec["warmup"] + spec["repeats"]):
             stamps, events = [], []
-            options = dict(max_tokens=C, max_denoising_steps=N, confidence_threshold=NEVER_STOP, eos_token_id=[])
+            options = dict(max_tokens=C, max_denoising_steps=N, confidence_threshold=NEVER_STOP, eos_token_id=[],
+                           self_conditioning=mode)
             for event in stream_diffusion_generate(model, None, spec["prompt"], seed=spec["seed"] + i, **options):
                 if type(event).__name__ == "Draft":
                     stamps.append(time.perf_counter())
@@ -263,7 +266,8 @@ def ours_sampler(spec, model, cache, canvas, logits, mx):
             return logits
 
     steps = 1 + spec["warmup"] + spec["repeats"]
-    opts = DiffusionOptions.resolve(FixedLogits(), None, dict(max_denoising_steps=steps, confidence_threshold=NEVER_STOP, eos_token_id=[]))
+    opts = DiffusionOptions.resolve(FixedLogits(), None, dict(max_denoising_steps=steps, confidence_threshold=NEVER_STOP,
+                                                             eos_token_id=[], self_conditioning=spec.get("self_conditioning", "exact")))
     stopping = StableAndConfidentStopping(opts.stability_threshold, opts.confidence_threshold)
     loop = denoise_canvas(FixedLogits(), cache, canvas, opts, Randomness(spec["seed"]), opts.make_acceptance(), stopping)
     stamps = [time.perf_counter()]
@@ -618,6 +622,7 @@ def probe(spec, results):
 
 WORKERS = {
     "ours": run_ours,
+    "ours-top-k": lambda spec, results: run_ours(dict(spec, self_conditioning="top-k"), results),
     "mlx-vlm": run_mlx_vlm,
     "transformers": run_transformers,
     "build": build,
