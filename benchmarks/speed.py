@@ -19,13 +19,16 @@ encoder), commit (one canvas encoded into a cache holding the prompt), decoder
 self-conditioning logits minus without), sampler (everything between the
 decoder's logits and the next decoder call), full step (one self-conditioned
 step of the real loop), canvas tokens/s at --steps steps with adaptive stopping
-off and no eos, peak memory, one exp over [1, canvas, vocab] float32 logits
-(mx.exp / torch.exp: the floor the sampler compares with), and for ours the
-decoder's attention over the cached context alone. Prefill, full step and
-canvas come from the same runs of each implementation's own generation loop;
-the others are timed alone. Each prints how it was taken; speed_workers.py
-says what each implementation runs. Ratios are speed-ups of ours: peer time /
-our time, or our rate / peer rate (> 1: ours is faster, or smaller).
+off and no eos, mlx's peak memory over the generation runs (reset after the
+isolated measures), one exp over [1, canvas, vocab] float32 logits (mx.exp /
+torch.exp: the floor the sampler compares with), and for ours two floors of
+the decoder: its attention over the cached context alone, and its matrix
+products alone. Prefill, full step and canvas come from the same runs of each
+implementation's own generation loop; the others are timed alone. Each prints
+how it was taken; speed_workers.py says what each implementation runs. Ratios
+are speed-ups of ours: peer time / our time, or our rate / peer rate (> 1: ours
+is faster, or smaller). `ours-top-k` is ours with self_conditioning="top-k"
+(k 64), compared with each peer on the lines under the table.
 
 Each implementation runs in its own process (benchmarks/speed_workers.py), with
 the same environment: on Linux, Debian's OpenBLAS is preloaded when installed
@@ -126,7 +129,8 @@ MEASURES = [  # key, label, kind ("time", "rate", "memory")
     ("canvas_time", "canvas time", "time"),
     ("exp", "exp over [1,C,V] logits", "time"),
     ("attention_context", "attention over context", "time"),
-    ("peak_mlx_gb", "peak mlx memory (GB)", "memory"),
+    ("products", "decoder's products alone", "time"),
+    ("peak_mlx_gb", "peak mlx, loop (GB)", "memory"),
     ("peak_rss_gb", "peak RSS (GB)", "memory"),
 ]
 

@@ -166,6 +166,13 @@ def mlx_memory(results, mx):
     results["peak_rss_gb"] = peak_rss_gb()
 
 
+def measure_loop(results, mx, generation_runs):
+    """The generation runs, mlx's peak memory counted over them alone (every
+    mlx worker frees its isolated measures' arrays before; mlx_memory reads it)."""
+    mx.reset_peak_memory()
+    results.measure_runs(generation_runs)
+
+
 def reference_generation_config(steps):
     """generation_config.json's sampler fields as the checkpoints carry them."""
     return {
@@ -224,6 +231,7 @@ def run_ours(spec, results):
     results.measure("sampler", lambda: ours_sampler(spec, model, cache, canvas, logits, mx))
     results["sampler_method"] = "direct: denoise_canvas driven by a model whose decode returns fixed logits"
     results.measure("attention_context", lambda: ours_attention(spec, model, mx))
+    results.measure("products", lambda: ours_products(spec, model, mx))
     del cache, logits, prediction, sc
 
     # The real loop: one canvas of N steps, adaptive stopping off, no eos. The
@@ -247,7 +255,7 @@ def run_ours(spec, results):
                 out["step"].extend(intervals(stamps))  # stamps end steps 1..N: steps 2..N, self-conditioned
         return out
 
-    results.measure_runs(generation_runs)
+    measure_loop(results, mx, generation_runs)
     results["step_method"] = "time between Draft events of stream_diffusion_generate (steps 2..N)"
     results["prefill_method"] = "stream_diffusion_generate's prompt time (chunks of 2048, then the last token)"
     mlx_memory(results, mx)
@@ -290,6 +298,38 @@ def ours_attention(spec, model, mx):
         tensors.append((q, k, v))
     mx.eval(tensors)
     return repeat(spec, lambda _: mx.eval([mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0) for q, k, v in tensors]))
+
+
+def ours_products(spec, model, mx):
+    """The decoder's matrix products alone, every one a decoder pass with
+    self-conditioning runs (projections, dense and expert feed-forwards,
+    router, self-conditioning block and product, lm_head), on inputs of the
+    real shapes, evaluated together: with the attention, the floor of a
+    decoder pass that only removes everything else."""
+    from mlx_diffusiongemma.model import soft_embed
+
+    args, C = model.args, spec["canvas_length"]
+    x = mx.random.normal((1, C, args.hidden_size)).astype(model.dtype)
+    probs = mx.random.uniform(shape=(1, C, args.vocab_size)).astype(model.dtype)
+    decoder = model.model.decoder
+    indices = mx.random.randint(0, args.num_experts, (1, C, args.top_k_experts))
+    mx.eval(x, probs, indices)
+
+    def products(_):
+        out = [soft_embed(decoder.embed_tokens, probs), decoder.embed_tokens.as_linear(x)]
+        sc = decoder.self_conditioning
+        out += [sc.down_proj(sc.gate_proj(x) * sc.up_proj(x))]
+        for layer in model.layers:
+            attn = layer.self_attn
+            q = attn.q_proj(x)
+            out += [attn.o_proj(q), attn.k_proj(x), layer.router.proj(x)]
+            if attn.is_sliding:
+                out.append(attn.v_proj(x))
+            out.append(layer.mlp(x))
+            out.append(layer.experts(x, indices, mx.ones(indices.shape, x.dtype)))
+        mx.eval(out)
+
+    return repeat(spec, products)
 
 
 def random_ours(spec, mx):
@@ -406,7 +446,7 @@ def run_mlx_vlm(spec, results):
             model.diffusion_decoder_logits = decoder_logits
         return out
 
-    results.measure_runs(generation_runs)
+    measure_loop(results, mx, generation_runs)
     results["step_method"] = "between entries of model.diffusion_decoder_logits inside the engine's loop (steps 2..N-1)"
     results["prefill_method"] = "the engine's prompt time (prefill_step_size=2048, mlx_vlm.generate's CLI default)"
     results.note("its N-step canvas runs N decoder passes and N-1 draws (the last step takes the argmax only)")
