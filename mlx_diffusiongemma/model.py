@@ -197,15 +197,15 @@ class ModelArgs(BaseModelArgs):
 
 class _Context:
     """A layer cache as the decoder reads it: the cached keys and values in
-    temporal order (None when empty) and the offset, an array so a compiled
-    decoder is not retraced per canvas. Read-only: `update_and_fetch` returns
-    a chunk's keys and values after the context and stores nothing.
+    temporal order (None when empty) and the offset. Read-only:
+    `update_and_fetch` returns a chunk's keys and values after the context
+    and stores nothing.
 
     A sliding layer keeps the last `window - 1` context tokens, as the
     reference's sliding cache does; a full layer keeps them all.
     """
 
-    def __init__(self, keys: Optional[mx.array], values: Optional[mx.array], offset):
+    def __init__(self, keys: Optional[mx.array], values: Optional[mx.array], offset: int):
         self.keys, self.values, self.offset = keys, values, offset
 
     @classmethod
@@ -627,7 +627,7 @@ class Model(nn.Module):
         return out
 
     @property
-    def _segments(self) -> list:
+    def _segments(self) -> list:  # of compiled functions
         """The decoder compiled between attentions: the embedding, then each
         layer's feed-forward half with the next layer's projections, then the
         head. Their shapes are the canvas's, so neither a step nor a canvas
