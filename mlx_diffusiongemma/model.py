@@ -195,35 +195,19 @@ class ModelArgs(BaseModelArgs):
         )
 
 
-class _Context:
-    """A layer cache as the decoder reads it: the cached keys and values in
-    temporal order (None when empty) and the offset. Read-only:
-    `update_and_fetch` returns a chunk's keys and values after the context
-    and stores nothing.
-
-    A sliding layer keeps the last `window - 1` context tokens, as the
-    reference's sliding cache does; a full layer keeps them all.
-    """
-
-    def __init__(self, keys: Optional[mx.array], values: Optional[mx.array], offset: int):
-        self.keys, self.values, self.offset = keys, values, offset
-
-    @classmethod
-    def read(cls, cache) -> "_Context":
-        if cache.keys is None:
-            return cls(None, None, cache.offset)
-        if isinstance(cache, RotatingKVCache):
-            # the one private name the model uses; mlx-lm is pinned below 0.33 for it
-            last = slice(-min(cache.max_size - 1, cache.offset), None)
-            keys, values = (cache._temporal_order(v)[..., last, :] for v in (cache.keys, cache.values))
-        else:
-            keys, values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
-        return cls(keys, values, cache.offset)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
-        if self.keys is None:
-            return keys, values
-        return mx.concatenate([self.keys, keys], axis=2), mx.concatenate([self.values, values], axis=2)
+def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
+    """A chunk's keys and values after the cached context, in temporal order,
+    the cache untouched. A sliding layer keeps the last `window - 1` context
+    tokens, as the reference's sliding cache does; a full layer keeps them all."""
+    if cache.keys is None:
+        return keys, values
+    if isinstance(cache, RotatingKVCache):
+        # the one private name the model uses; mlx-lm is pinned below 0.33 for it
+        last = slice(-min(cache.max_size - 1, cache.offset), None)
+        past_keys, past_values = (cache._temporal_order(v)[..., last, :] for v in (cache.keys, cache.values))
+    else:
+        past_keys, past_values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+    return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
 
 
 def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
@@ -237,7 +221,7 @@ def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
         both = cache.update_and_fetch(keys, values)
         cache.trim(keys.shape[2])
         return both
-    return _Context.read(cache).update_and_fetch(keys, values)
+    return _with_context(cache, keys, values)
 
 
 class _Lookahead:
@@ -254,7 +238,7 @@ class _Lookahead:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         self.keys, self.values = keys, values
-        return _Context.read(self.cache).update_and_fetch(keys, values)
+        return _with_context(self.cache, keys, values)
 
 
 class Attention(nn.Module):
@@ -399,8 +383,9 @@ class TransformerLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x, cache, mask, layer_scalar: mx.array) -> mx.array:
-        """The chunk attends to what `cache.update_and_fetch` gives: a layer
-        cache appends it (encoder), a `_Context` only reads (decoder)."""
+        """The encoder's pass: the chunk attends to what `cache.update_and_fetch`
+        gives (a layer cache appends it, a `_Lookahead` sets it aside). The
+        decoder runs `project` and `finish` itself, compiled (`Model.decode`)."""
         q, k, v = self.project(x, cache.offset)
         k, v = cache.update_and_fetch(k, v)
         return self.finish(x, attend(q, k, v, mask), layer_scalar)
