@@ -40,16 +40,21 @@ def _close(ref_logits, our_logits, stage):
     assert (ref_logits.argmax(-1) == ours.argmax(-1)).all(), stage
 
 
+def _prefilled(reference, model, prompt, chunk_size):
+    """The reference runner and our cache, both holding the prompt."""
+    ref = ReferenceRunner(reference)
+    ref.encode(prompt)
+    cache = model.make_cache()
+    model.encode(prompt, cache, chunk_size=chunk_size)
+    return ref, cache
+
+
 def test_every_stage_matches_reference(pair):
     reference, model = pair
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, VOCAB, 21).tolist()
     canvas = rng.integers(0, VOCAB, CANVAS).tolist()
-
-    ref = ReferenceRunner(reference)
-    ref.encode(prompt)
-    cache = model.make_cache()
-    model.encode(prompt, cache, chunk_size=5)  # chunks, and a final chunk of one token
+    ref, cache = _prefilled(reference, model, prompt, chunk_size=5)  # chunks, and a final chunk of one token
 
     # 1. prefill, then decode without self-conditioning
     ref_logits = ref.decode(canvas)
@@ -76,10 +81,7 @@ def test_long_chunks_match_reference(pair, grouping, monkeypatch):
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, VOCAB, 40).tolist()
     canvas = rng.integers(0, VOCAB, CANVAS).tolist()
-    ref = ReferenceRunner(reference)
-    ref.encode(prompt)
-    cache = model.make_cache()
-    model.encode(prompt, cache, chunk_size=40)
+    ref, cache = _prefilled(reference, model, prompt, chunk_size=40)
     _close(ref.decode(canvas), model.decode(canvas, cache), "decode after a 40-token chunk")
 
 
