@@ -65,6 +65,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--self-conditioning", choices=SELF_CONDITIONING, default=None,
                    help="top-k: feed back only the k most probable tokens (faster, approximate)")
     g.add_argument("--self-conditioning-k", type=int, default=None, metavar="K", help="for --self-conditioning top-k")
+    g.add_argument("--no-fused-sampling", dest="fused_sampling", action="store_false", default=None,
+                   help="on a GPU, sample with mlx ops instead of the fused kernel")
     g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None,
                    help="the first canvas's start: exactly canvas_length ids (config.json)")
     return p
@@ -113,7 +115,7 @@ def statistics_line(r: DiffusionResponse) -> str:
 _OPTION_FLAGS = (
     "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
     "confidence_threshold", "eos_token_id", "acceptance", "min_confidence", "self_conditioning",
-    "self_conditioning_k",
+    "self_conditioning_k", "fused_sampling",
 )
 
 

@@ -80,16 +80,16 @@ def prompt_ids(tokenizer, digits: str) -> list:
     return tokenizer.apply_chat_template([{"role": "user", "content": digits}], add_generation_prompt=True)
 
 
-def score(model, tokenizer, cases: list) -> tuple:
+def score(model, tokenizer, cases: list, **options) -> tuple:
     """(exact-match rate, mean tokens_per_forward, pooled tokens per pass) with
-    the default reference sampler, one seeded generation per problem. The mean
+    the default reference sampler (or `options`), one seeded generation per problem. The mean
     averages what each response reports; the pooled figure divides all tokens by
     all passes, so a few problems that never settle (48 passes) weigh heavily."""
     from .generate import diffusion_generate
 
     solved, per_problem, valid, passes = 0, [], 0.0, 0
     for seed, (digits, answer) in enumerate(cases):
-        r = diffusion_generate(model, tokenizer, digits, seed=seed, max_tokens=CONFIG["canvas_length"])
+        r = diffusion_generate(model, tokenizer, digits, seed=seed, max_tokens=CONFIG["canvas_length"], **options)
         solved += r.text == answer
         per_problem.append(r.tokens_per_forward)
         valid += r.tokens_per_forward * r.denoising_steps

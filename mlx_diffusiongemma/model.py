@@ -583,8 +583,11 @@ class Model(nn.Module):
         self_conditioning_logits: Optional[mx.array] = None,
         self_conditioning_probs: Optional[tuple] = None,
         self_conditioning_top_k: Optional[tuple] = None,
+        raw_logits: bool = False,
     ) -> mx.array:
-        """Denoise a canvas against the cache: float32 softcapped logits [B, C, V].
+        """Denoise a canvas against the cache: float32 softcapped logits [B, C, V],
+        or with `raw_logits` the lm_head's output in the model's dtype, for a
+        sampler that softcaps as it reads (the fused kernel).
 
         The canvas attends to the whole cached context and to itself in both
         directions; the cache holds the same tokens afterwards. The previous
@@ -604,12 +607,12 @@ class Model(nn.Module):
             offset,
             (self_conditioning_logits, self_conditioning_probs, self_conditioning_top_k),
         )
-        for segment, c in zip(segments[1:], cache):
+        *middle, last = segments[1:]
+        for segment, c in zip(middle, cache):
             k, v = _after_context(c, k, v)
-            out = segment(h, attend(q, k, v), offset)
-            if segment is not segments[-1]:
-                h, q, k, v = out
-        return out
+            h, q, k, v = segment(h, attend(q, k, v), offset)
+        k, v = _after_context(cache[len(middle)], k, v)
+        return last(h, attend(q, k, v), offset, None, raw_logits)
 
     @property
     def _segments(self) -> list:  # of compiled functions
@@ -637,17 +640,17 @@ class Model(nn.Module):
         # a copy (mlx-lm's DWQ deep-copies the model) compiles against its own weights
         return {k: v for k, v in self.__dict__.items() if k != "_compiled_segments"}
 
-    def _segment(self, i: int, h, attended, offset, self_conditioning=None):
+    def _segment(self, i: int, h, attended, offset, self_conditioning=None, raw_logits=False):
         """Segment i of the decoder: ids to the first projections (i = 0,
         with decode's three self-conditioning inputs), layer i-1's second
-        half to layer i's projections, or to the logits."""
+        half to layer i's projections, or to the logits (raw or softcapped)."""
         if i == 0:
             h = self._conditioned_embedding(h, *self_conditioning)
         else:
             layer = self.layers[i - 1]
             h = layer.finish(h, attended, layer.layer_scalar)
         if i == len(self.layers):
-            return self.head(h)
+            return self.head(h, softcap=not raw_logits)
         return (h, *self.layers[i].project(h, offset))
 
     def _conditioned_embedding(self, ids, self_conditioning_logits, self_conditioning_probs, self_conditioning_top_k):
@@ -666,11 +669,13 @@ class Model(nn.Module):
             soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         return decoder.self_conditioning(h, soft)
 
-    def head(self, h: mx.array) -> mx.array:
-        """Final norm, tied lm_head, float32 tanh softcap."""
+    def head(self, h: mx.array, softcap: bool = True) -> mx.array:
+        """Final norm, tied lm_head, float32 tanh softcap (or the raw output)."""
         decoder = self.model.decoder
-        logits = decoder.embed_tokens.as_linear(decoder.norm(h)).astype(mx.float32)
-        return logit_softcap(self.args.final_logit_softcapping, logits)
+        logits = decoder.embed_tokens.as_linear(decoder.norm(h))
+        if not softcap:
+            return logits
+        return logit_softcap(self.args.final_logit_softcapping, logits.astype(mx.float32))
 
     def sanitize(self, weights: dict) -> dict:
         """Map Hugging Face names onto this module tree.

@@ -11,11 +11,15 @@ stopping) and the next step's self-conditioning: transcendental passes over
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+from mlx_lm.models.gemma4_text import logit_softcap
+
+from . import kernels
 
 SEED_LIMIT = 2**64  # mx.random.key and mx.random.seed take an unsigned 64-bit seed
 
@@ -33,31 +37,54 @@ class Randomness:
 
     Per canvas `uniform_ids` gives the initial canvas; per step `categorical`
     draws the denoiser canvas, then `uniform_ids` the full canvas from which
-    renoised positions take their ids. With a seed the draws come from a key
-    of their own (reproducible); without one from mlx's global random state,
-    so `mx.random.seed(n)` controls them as in mlx-lm. Tests substitute an
-    object replaying the reference's recorded draws (torch.multinomial's).
+    renoised positions take their ids. Each draw takes a key of its own:
+    split off the seed's key (reproducible), or without a seed drawn from
+    mlx's global random state, so `mx.random.seed(n)` controls them as in
+    mlx-lm. Tests substitute an object replaying the reference's recorded
+    draws (torch.multinomial's).
     """
 
     def __init__(self, seed: Optional[int] = None):
         self._key = None if seed is None else mx.random.key(check_seed(seed))
 
-    def _next_key(self):
+    def step_key(self) -> mx.array:
+        """The next draw's key ([2] uint32, as mx.random.key makes)."""
         if self._key is None:
-            return None
+            return mx.random.randint(0, 2**24, (2,)).astype(mx.uint32)  # 48 random bits, no host sync
         self._key, key = mx.random.split(self._key)
         return key
 
     def uniform_ids(self, shape: Sequence[int], vocab_size: int) -> mx.array:
-        return mx.random.randint(0, vocab_size, shape, key=self._next_key())
+        return mx.random.randint(0, vocab_size, shape, key=self.step_key())
 
     def categorical(self, weights: mx.array) -> mx.array:
         """One draw per position from the distribution proportional to
         `weights` (unnormalised probabilities over the last axis), by inverting
-        its cumulative sum with one uniform per position, where a Gumbel-max
-        draw would take a logarithm of a logarithm of V uniforms."""
-        u = 1.0 - mx.random.uniform(shape=(*weights.shape[:-1], 1), key=self._next_key())  # in (0, 1]
+        its cumulative sum with one uniform per position (`row_uniforms`, which
+        the fused kernel draws too), where a Gumbel-max draw would take a
+        logarithm of a logarithm of V uniforms."""
+        *lead, V = weights.shape
+        u = row_uniforms(self.step_key(), math.prod(lead)).reshape(*lead, 1)
         return inverse_cdf(weights, u)
+
+
+def _hash32(x: mx.array) -> mx.array:
+    """Wellons' lowbias32 on uint32 (metal/row_sampler.h's hash32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x21F0AAAD
+    x = x ^ (x >> 15)
+    x = x * 0x735A2D97
+    return x ^ (x >> 15)
+
+
+def row_uniforms(key: mx.array, rows: int) -> mx.array:
+    """One uniform in (0, 1] per row, counter-based: row r's is a hash of
+    (key, r), 24 bits, as the fused kernel computes it, so kernel and MLX
+    path draw the same tokens from the same key, but for rounding at the
+    boundaries of the cumulative sum."""
+    key = key.astype(mx.uint32)
+    bits = _hash32(_hash32(mx.arange(rows, dtype=mx.uint32) ^ key[0]) + key[1])
+    return ((bits >> 8) + 1).astype(mx.float32) * 2.0**-24
 
 
 def _block_size(vocab_size: int) -> int:
@@ -97,19 +124,36 @@ def linear_temperature(cur_step: int, max_denoising_steps: int, t_min: float, t_
 class Prediction:
     """What one denoising step reads from the decoder's logits."""
 
-    processed: mx.array  # logits / temperature [B, C, V], the reference's processed logits
-    weights: mx.array  # exp(processed - max) [B, C, V]: unnormalised probabilities
+    processed: Optional[mx.array]  # logits / temperature [B, C, V] (lazy); None from the fused kernel
+    weights: mx.array  # exp(processed - shift) [B, C, V]: unnormalised probabilities
     total: mx.array  # their sum [B, C, 1]
     argmax: mx.array  # [B, C] int32
     entropy: mx.array  # [B, C] float32, of softmax(processed)
     draw: mx.array  # [B, C] int32, one categorical draw per position (the denoiser canvas)
 
 
-def predict(logits: mx.array, temperature: mx.array, randomness) -> Prediction:
-    """The step's prediction with one exponential pass over the logits:
-    softmax as the reference computes it (exp(x - max) / sum), entropy as
-    logsumexp - E[x] from the same exponentials, the draw from their
-    cumulative sums. This is the seam a fused kernel takes over."""
+def predict(
+    logits: mx.array,
+    temperature: mx.array,
+    randomness,
+    softcap: Optional[float] = None,
+    weights_dtype: mx.Dtype = mx.float32,
+    fused: bool = False,
+) -> Prediction:
+    """The step's prediction. With `softcap` the logits are the raw lm_head
+    output, softcapped here first. With `fused` (for a caller that found
+    `fused_sampler_ready`, and randomness that is a `Randomness`), one
+    kernel reads the logits once and writes the weights in `weights_dtype`.
+    Otherwise the MLX path: softmax as the reference computes it
+    (exp(x - max) / sum), entropy as logsumexp - E[x] from the same
+    exponentials, the draw from their cumulative sums. Both draw with
+    `row_uniforms` from the same key, so they draw the same tokens but for
+    rounding where a uniform meets a boundary of the cumulative sum."""
+    if fused:
+        out = kernels.row_sample(logits, temperature, randomness.step_key(), softcap, weights_dtype)
+        return Prediction(None, out.weights, out.total[..., None], out.argmax, out.entropy, out.draw)
+    if softcap is not None:
+        logits = logit_softcap(softcap, logits.astype(mx.float32))
     weights, total, argmax, entropy = _distribution(logits, temperature)
     draw = randomness.categorical(weights).astype(mx.int32)
     # lazy: computed (once more, the same values) only if the caller reads it
@@ -128,8 +172,81 @@ def _distribution(logits: mx.array, temperature: mx.array) -> tuple:
     shifted = processed - top
     weights = mx.exp(shifted)
     total = weights.sum(axis=-1, keepdims=True)
-    entropy = (mx.log(total) - (weights * shifted).sum(axis=-1, keepdims=True) / total).squeeze(-1)
+    surprise = mx.where(weights > 0, weights * shifted, 0.0)  # a -inf logit adds 0, not 0 * -inf
+    entropy = (mx.log(total) - surprise.sum(axis=-1, keepdims=True) / total).squeeze(-1)
     return weights, total, argmax, entropy
+
+
+_fused_checked: dict = {}  # (backend, logits dtype, weights dtype, softcapped) -> passed
+
+
+def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optional[float]) -> bool:
+    """Whether the fused kernel runs here and, the first time in this process
+    for these dtypes, agreed with the MLX path on a small input (rows of any
+    length, -inf entries, one-hot and flat rows, a maximum far below the
+    bound). A kernel that fails to compile or disagrees is reported once and
+    never used: it must not emit wrong tokens."""
+    backend = kernels.backend()
+    if backend is None:
+        return False
+    signature = (backend, dtype, weights_dtype, softcap is not None)
+    if signature not in _fused_checked:
+        try:
+            problems = fused_disagreements(*_check_input(dtype, softcap), softcap, weights_dtype)
+        except Exception as error:  # a compile error, a launch failure
+            problems = [f"{type(error).__name__}: {error}"]
+        if problems:
+            warnings.warn(
+                f"the fused sampler kernel ({backend}, {dtype} logits, {weights_dtype} weights) is not used, "
+                f"the MLX path is: it disagreed with the MLX path: {'; '.join(problems)}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _fused_checked[signature] = not problems
+    return _fused_checked[signature]
+
+
+def _check_input(dtype: mx.Dtype, softcap: Optional[float]) -> tuple:
+    """Eight rows of 4133 logits (four SIMD groups, the last one short)."""
+    rows, V = 8, 4133
+    logits = mx.random.normal((rows, V), key=mx.random.key(0)) * (8.0 if softcap else 3.0)
+    column = mx.arange(V)
+    logits = mx.where((column % 7 == 3) & (mx.arange(rows)[:, None] == 1), -mx.inf, logits)  # -inf entries
+    logits[2] = mx.where(column == 4000, 20.0, -20.0)  # one-hot
+    logits[3] = 0.0  # flat: every index ties, the argmax is the first
+    logits[4] = logits[4] - (40.0 if softcap else 400.0)  # a maximum far below the bound (cap / temperature)
+    return logits.astype(dtype), mx.array(0.6, mx.float32), mx.random.key(1)
+
+
+def fused_disagreements(logits, temperature, key, softcap, weights_dtype) -> list:
+    """How the fused kernel's outputs on `logits` [R, V] differ from the MLX
+    path's beyond rounding (empty if they do not): argmax exactly; entropy,
+    logsumexp and probabilities closely; each draw must lie where the MLX
+    path's cumulative weights cross its uniform, give or take rounding."""
+    got = kernels.row_sample(logits, temperature, key, softcap, weights_dtype)
+    capped = logits.astype(mx.float32) if softcap is None else logit_softcap(softcap, logits.astype(mx.float32))
+    weights, total, argmax, entropy = _distribution(capped, temperature)
+    top = (capped / temperature).max(axis=-1)
+    problems = []
+    if not mx.array_equal(got.argmax, argmax).item():
+        problems.append(f"argmax {got.argmax.tolist()} != {argmax.tolist()}")
+    if not mx.allclose(got.entropy, entropy, rtol=1e-3, atol=1e-4).item():
+        problems.append(f"entropy {got.entropy.tolist()} != {entropy.tolist()}")
+    if not mx.allclose(got.logsumexp, top + mx.log(total[..., 0]), rtol=1e-5, atol=1e-4).item():
+        problems.append("logsumexp")
+    probs = weights / total
+    if got.weights is not None:
+        rtol = 1e-5 if weights_dtype == mx.float32 else 1e-2
+        got_probs = got.weights.astype(mx.float32) / got.total[..., None]
+        if not mx.allclose(got_probs, probs, rtol=rtol, atol=1e-7).item():
+            problems.append(f"probabilities (max error {mx.abs(got_probs - probs).max().item():.3g})")
+    cdf = np.cumsum(np.array(probs, np.float64), axis=-1)
+    u = np.array(row_uniforms(key, cdf.shape[0]), np.float64)
+    for row, (d, c) in enumerate(zip(got.draw.tolist(), cdf)):
+        before = c[d - 1] if d > 0 else 0.0
+        if not (0 <= d < c.size and probs[row, d].item() > 0 and before <= u[row] + 1e-5 and c[d] >= u[row] - 1e-5):
+            problems.append(f"row {row} drew {d}, where the cumulative probabilities do not cross {u[row]:.6f}")
+    return problems
 
 
 class EntropyBoundAcceptance:

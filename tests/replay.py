@@ -106,9 +106,10 @@ class ReplayedDecoder:
     def encode(self, ids, cache, **kwargs):
         self.model.encode(ids, cache, **kwargs)
 
-    def decode(self, canvas, cache, self_conditioning_logits=None, self_conditioning_probs=None):
+    def decode(self, canvas, cache, self_conditioning_logits=None, self_conditioning_probs=None, raw_logits=False):
         """Records the self-conditioning input as ("logits", array) or
         ("probs", weights / total)."""
+        assert not raw_logits, "replayed randomness takes the MLX path, which reads softcapped logits"
         i = len(self.canvases)
         assert i < len(self.recording.logits), "more decoder calls than the reference made"
         self.canvases.append(np.array(canvas))

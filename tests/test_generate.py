@@ -23,7 +23,9 @@ class ScriptedModel:
 
     def __init__(self, canvases, generation_config=None, context=4096):
         self.script = [mx.array(c) for c in canvases]
-        self.args = SimpleNamespace(canvas_length=C, vocab_size=V, max_position_embeddings=context)
+        self.args = SimpleNamespace(
+            canvas_length=C, vocab_size=V, max_position_embeddings=context, final_logit_softcapping=30.0
+        )
         self.dtype = mx.float32
         self.generation_config = MappingProxyType(generation_config or {})
         self.encoded, self.decoded = [], []

@@ -1,0 +1,154 @@
+"""The fused sampler kernel on a GPU: checked against the MLX path, then timed
+against the MLX ops it replaces, at the real step's shape (256 x 262144).
+
+    python benchmarks/fused_sampler.py                 # check and time
+    python benchmarks/fused_sampler.py --json out.json
+
+Needs mlx's default device to be a GPU (Metal, or mlx's CUDA build): on a
+CPU the kernel does not run (the tests run its Metal source by emulation).
+
+Check: sampling.fused_disagreements (argmax exactly, entropy, logsumexp and
+probabilities closely, each draw inside the MLX path's cumulative crossing)
+for every logits dtype x softcap x weights dtype on the guard's small input
+and on full-size rows; a chi-square of 20000 draws per row against
+softmax(z) on a few rows of 64 tokens.
+
+Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
+  - fused, stats only: argmax, draw, entropy, logsumexp (one read);
+  - fused + weights: as generation runs it, raw bfloat16 lm_head output in,
+    softcap inside, bfloat16 weights out;
+  - MLX path: the same step's work in MLX ops (softcap to float32, predict,
+    the processed logits cast to bfloat16 for self-conditioning);
+  - copy: x + 0 over the logits (a read and a write), whose bytes per second
+    give one read's floor: bytes(logits) / copy bandwidth.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_diffusiongemma import kernels, sampling
+
+ROWS, VOCAB, CAP = 256, 262144, 30.0
+
+
+def timed(fn, repeats: int) -> float:
+    for _ in range(3):
+        mx.eval(fn())
+    mx.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(fn())
+    mx.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def realistic_logits(dtype, key) -> mx.array:
+    """Raw lm_head-like rows: a few tokens stand out of a broad background."""
+    background = mx.random.normal((ROWS, VOCAB), key=key) * 4.0
+    boost = (mx.random.uniform(shape=(ROWS, VOCAB), key=mx.random.split(key)[1]) < 1e-4) * 25.0
+    return (background + boost).astype(dtype)
+
+
+def check(report: dict) -> bool:
+    ok = True
+    for dtype in kernels.LOGITS_DTYPES:
+        for softcap in (None, CAP):
+            for weights_dtype in (mx.float32, mx.bfloat16):
+                name = f"{dtype} logits, softcap {softcap}, {weights_dtype} weights"
+                small = sampling.fused_disagreements(*sampling._check_input(dtype, softcap), softcap, weights_dtype)
+                full = sampling.fused_disagreements(
+                    realistic_logits(dtype, mx.random.key(7)), mx.array(0.6, mx.float32), mx.random.key(8), softcap, weights_dtype
+                )
+                report[name] = {"small": small[:3], "full": full[:3]}
+                print(f"check {name}: {'ok' if not small + full else small[:2] + full[:2]}", flush=True)
+                ok &= not small + full
+    # chi-square: 4 rows of 64 tokens, each repeated 5000 times in one launch
+    # (rows differ in their counter, so each is an independent draw)
+    logits = mx.random.normal((4, 64), key=mx.random.key(3)) * 2.0
+    probs = np.array(mx.softmax(logits / 0.7, axis=-1), np.float64)
+    repeats = 5000
+    draws = np.array(kernels.row_sample(mx.repeat(logits, repeats, axis=0), mx.array(0.7), mx.random.key(4)).draw)
+    for row in range(4):
+        counts = np.bincount(draws[row * repeats : (row + 1) * repeats], minlength=64)
+        expected = probs[row] * repeats
+        keep = expected >= 5
+        stat = (((counts - expected) ** 2 / expected)[keep]).sum()
+        dof = keep.sum() - 1
+        passed = stat < dof + 5 * math.sqrt(2 * dof)  # about 5 standard deviations
+        print(f"chi-square row {row}: {stat:.1f} on {dof} degrees of freedom {'ok' if passed else 'FAIL'}")
+        report[f"chi-square row {row}"] = [float(stat), int(dof)]
+        ok &= bool(passed)
+    return ok
+
+
+def timing(report: dict, repeats: int) -> None:
+    temperature = mx.array(0.6, mx.float32)
+    key = mx.random.key(1)
+    for dtype in (mx.bfloat16, mx.float32):
+        raw = realistic_logits(dtype, mx.random.key(2))
+        mx.eval(raw)
+        nbytes = raw.nbytes
+        copy = timed(lambda: raw + 0, repeats)
+        bandwidth = 2 * nbytes / copy
+        one_read = nbytes / bandwidth
+        stats_only = timed(lambda: kernels.row_sample(raw, temperature, key, CAP)[:5], repeats)
+        with_weights = timed(lambda: kernels.row_sample(raw, temperature, key, CAP, mx.bfloat16), repeats)
+
+        def mlx_path():
+            randomness = sampling.Randomness(0)
+            p = sampling.predict(raw, temperature, randomness, softcap=CAP)
+            return p.argmax, p.draw, p.entropy, p.weights, p.processed.astype(mx.bfloat16)
+
+        def fused_path():
+            p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, mx.bfloat16, fused=True)
+            return p.argmax, p.draw, p.entropy, p.weights, p.total
+
+        mlx = timed(mlx_path, repeats)
+        fused = timed(fused_path, repeats)
+        row = {
+            "logits MB": nbytes / 1e6,
+            "copy ms": copy * 1e3,
+            "copy GB/s (read + write)": bandwidth / 1e9,
+            "one read ms": one_read * 1e3,
+            "fused stats only ms": stats_only * 1e3,
+            "fused stats only / one read": stats_only / one_read,
+            "fused stats only GB/s": nbytes / stats_only / 1e9,
+            "fused + bf16 weights ms": with_weights * 1e3,
+            "fused + bf16 weights / one read": with_weights / one_read,
+            "MLX path step ms": mlx * 1e3,
+            "fused path step ms": fused * 1e3,
+            "MLX path / fused path": mlx / fused,
+        }
+        report[f"timing {dtype}"] = row
+        print(f"timing, {dtype} raw logits [{ROWS}, {VOCAB}]:")
+        for k, v in row.items():
+            print(f"  {k:34s} {v:10.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args()
+    backend = kernels.backend()
+    if backend is None:
+        print("mlx's default device is not a GPU: the fused kernel does not run here", file=sys.stderr)
+        return 2
+    print(f"backend: {backend}, mlx {mx.__version__}")
+    report = {"backend": backend, "mlx": mx.__version__}
+    ok = check(report)
+    timing(report, args.repeats)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

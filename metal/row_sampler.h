@@ -1,0 +1,93 @@
+// Helpers of the fused sampler kernel (row_sampler.body), in the dialect both
+// backends read: Metal's built-in names, mapped for CUDA by cuda_prelude.h.
+// No address-space qualifiers: values pass by value, so one text serves both.
+
+// What a lane, a SIMD group and finally the threadgroup know of a row of
+// processed logits z: the running maximum m, s = sum exp(z - m),
+// t = sum exp(z - m) * (z - m) (so entropy = log s - t / s), and the first
+// index of the largest z.
+struct RowStats {
+  float m;
+  float s;
+  float t;
+  float best;
+  uint best_i;
+};
+
+// z = logits / temperature, as the MLX path computes it, after the tanh softcap
+// when x is the raw lm_head output.
+template <typename U>
+DEVICE_FN float processed_logit(U x, bool softcap, float cap, float temperature) {
+  float z = float(x);
+  if (softcap) {
+    z = ftanh(z / cap) * cap;
+  }
+  return z / temperature;
+}
+
+// Commutative to the bit (a + b == b + a, max and the tie rule are
+// symmetric), so an xor butterfly leaves every lane the same result.
+DEVICE_FN RowStats merge_stats(RowStats a, RowStats b) {
+  RowStats out;
+  out.m = a.m > b.m ? a.m : b.m;
+  const float ra = a.m == NEG_INF ? 0.0f : fexp(a.m - out.m);
+  const float rb = b.m == NEG_INF ? 0.0f : fexp(b.m - out.m);
+  out.s = a.s * ra + b.s * rb;
+  const float ta = a.m == NEG_INF ? 0.0f : ra * (a.t + (a.m - out.m) * a.s);
+  const float tb = b.m == NEG_INF ? 0.0f : rb * (b.t + (b.m - out.m) * b.s);
+  out.t = ta + tb;
+  const bool take_b = b.best > a.best || (b.best == a.best && b.best_i < a.best_i);
+  out.best = take_b ? b.best : a.best;
+  out.best_i = take_b ? b.best_i : a.best_i;
+  return out;
+}
+
+DEVICE_FN RowStats simd_merge_stats(RowStats x) {
+  for (uint o = 16; o > 0; o >>= 1) {
+    RowStats y;
+    y.m = simd_shuffle_xor(x.m, o);
+    y.s = simd_shuffle_xor(x.s, o);
+    y.t = simd_shuffle_xor(x.t, o);
+    y.best = simd_shuffle_xor(x.best, o);
+    y.best_i = simd_shuffle_xor(x.best_i, o);
+    x = merge_stats(x, y);
+  }
+  return x;
+}
+
+// Wellons' lowbias32 integer hash; sampling.py computes the same with mlx ops.
+DEVICE_FN uint hash32(uint x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0x735a2d97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// One uniform in (0, 1] per row and step key: counter-based, so nothing
+// V-sized is drawn and the key reproduces it.
+DEVICE_FN float row_uniform(uint key0, uint key1, uint row) {
+  const uint bits = hash32(hash32(row ^ key0) + key1);
+  return float((bits >> 8) + 1u) * 5.9604644775390625e-8f;  // 2^-24
+}
+
+// Among 32 consecutive pieces (one per lane, in index order) with sums
+// `piece`, the first whose inclusive prefix sum reaches `target`, and the
+// sum before it; past the end by rounding, the last piece with any weight.
+// A piece without weight is never picked (a -inf logit is never drawn).
+struct Pick {
+  uint index;
+  float before;
+};
+
+DEVICE_FN Pick pick_piece(float piece, float target, uint lane) {
+  const float inclusive = simd_prefix_inclusive_sum(piece);
+  const float exclusive = simd_prefix_exclusive_sum(piece);
+  const uint first = simd_min(inclusive >= target && piece > 0.0f ? lane : 32u);
+  const uint last = simd_max(piece > 0.0f ? lane : 0u);
+  Pick out;
+  out.index = first < 32u ? first : last;
+  out.before = simd_shuffle(exclusive, out.index);
+  return out;
+}

@@ -1,0 +1,108 @@
+"""The fused sampler kernel on mlx's GPU backends.
+
+One read of each row of logits gives the step's argmax, categorical draw,
+entropy and logsumexp, and writes the self-conditioning weights in the
+embedding dtype: the MLX path (sampling.py) reads the logits several times.
+One algorithm, `metal/row_sampler.body`, written with Metal's built-in
+names; `metal_prelude.h` or `cuda_prelude.h` before `row_sampler.h` makes
+it `mx.fast.metal_kernel` or `mx.fast.cuda_kernel` source. sampling.py
+decides when the kernel runs and checks it against the MLX path first.
+"""
+
+import functools
+import importlib.resources
+import math
+from typing import NamedTuple, Optional
+
+import mlx.core as mx
+
+NAME = "row_sampler"
+INPUTS = ("logits", "params", "key")
+OUTPUTS = ("argmax", "draw", "entropy", "logsumexp", "total_weight", "weights")
+PRELUDES = {"metal": "metal_prelude.h", "cuda": "cuda_prelude.h"}
+LOGITS_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+MAX_SIMD_GROUPS = 32  # 1024 threads, the most both backends run in one group
+
+
+class RowSample(NamedTuple):
+    """The kernel's outputs, shaped as the logits' leading axes."""
+
+    argmax: mx.array  # int32
+    draw: mx.array  # int32
+    entropy: mx.array  # float32
+    logsumexp: mx.array  # float32
+    total: mx.array  # float32: the sum of the weights
+    weights: Optional[mx.array]  # [..., V] exp(z - shift) in the requested dtype, or None
+
+
+def backend() -> Optional[str]:
+    """The GPU backend the kernel would run on, or None (the CPU: MLX path)."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.metal.is_available():
+        return "metal"
+    if mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+def source(backend_name: str) -> tuple:
+    """(header, body) as handed to mx.fast.{metal,cuda}_kernel."""
+    files = importlib.resources.files("mlx_diffusiongemma.metal")
+    header = files.joinpath(PRELUDES[backend_name]).read_text() + "\n" + files.joinpath("row_sampler.h").read_text()
+    return header, files.joinpath("row_sampler.body").read_text()
+
+
+@functools.cache
+def kernel(backend_name: str):
+    header, body = source(backend_name)
+    make = mx.fast.metal_kernel if backend_name == "metal" else mx.fast.cuda_kernel
+    return make(name=NAME, input_names=list(INPUTS), output_names=list(OUTPUTS), source=body, header=header)
+
+
+def simd_groups(vocab_size: int) -> int:
+    """SIMD groups per row: up to 32, each reading at least 1024 entries (a
+    short row is not worth a wide group)."""
+    return max(1, min(MAX_SIMD_GROUPS, vocab_size // 1024))
+
+
+def row_sample(
+    logits: mx.array,
+    temperature: mx.array,
+    key: mx.array,
+    softcap: Optional[float] = None,
+    weights_dtype: Optional[mx.Dtype] = None,
+    backend_name: Optional[str] = None,
+) -> RowSample:
+    """Run the kernel over `logits` [..., V] (float32, bfloat16 or float16;
+    with `softcap`, the raw lm_head output, softcapped inside). `key` [2]
+    uint32 is the step's key: row r draws with sampling.row_uniforms(key)[r].
+    Weights are written in `weights_dtype` if given, as exp(z - shift) for a
+    shift of cap / temperature (a bound on z known before the read) or the
+    row's own maximum where that bound is too far from it; softmax(z) is
+    weights / total either way."""
+    backend_name = backend_name or backend()
+    if logits.dtype not in LOGITS_DTYPES:
+        raise ValueError(f"the fused sampler reads float32, bfloat16 or float16 logits, got {logits.dtype}")
+    *lead, V = logits.shape
+    rows = math.prod(lead)
+    temperature = temperature.astype(mx.float32).reshape(1)
+    if softcap is None:
+        params = mx.concatenate([temperature, mx.array([1.0, math.inf], mx.float32)])
+    else:
+        cap = mx.array([softcap], mx.float32)
+        params = mx.concatenate([temperature, cap, cap / temperature])
+    write = weights_dtype is not None
+    weights_dtype = weights_dtype or mx.float32
+    threads = 32 * simd_groups(V)
+    scalars = [(rows,)] * 5
+    outputs = kernel(backend_name)(
+        inputs=[logits.reshape(rows, V), params, key.astype(mx.uint32)],
+        template=[("T", logits.dtype), ("W", weights_dtype), ("V", V), ("SOFTCAP", softcap is not None), ("WRITE_WEIGHTS", write)],
+        grid=(threads * rows, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[*scalars, (rows, V) if write else (1,)],
+        output_dtypes=[mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype],
+    )
+    per_row = (out.reshape(lead) for out in outputs[:5])
+    return RowSample(*per_row, outputs[5].reshape(*lead, V) if write else None)
