@@ -75,6 +75,7 @@ class metal_kernel:
         self.name, self.inputs, self.outputs = name, list(input_names), list(output_names)
         self.source, self.header = source, header
         self.attributes = [a for a in ATTRIBUTES if a in source]
+        self.libraries = {}  # by what the generated source depends on
 
     def signature_source(self, inputs, output_dtypes, template) -> str:
         """The kernel's source as mlx writes it for Metal (header, template
@@ -120,7 +121,7 @@ class metal_kernel:
             unit.write_text(text)
             partial = library.with_suffix(".so.partial")
             result = subprocess.run(
-                ["g++", "-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-Wno-attributes", str(unit), "-o", str(partial)],
+                ["g++", "-std=c++20", "-O2", "-U_FORTIFY_SOURCE", "-shared", "-fPIC", "-Wno-attributes", str(unit), "-o", str(partial)],
                 capture_output=True,
                 text=True,
             )
@@ -133,7 +134,14 @@ class metal_kernel:
         threads = threadgroup[0]
         if grid[1:] != (1, 1) or threadgroup[1:] != (1, 1) or grid[0] % threads or threads % 32:
             raise NotImplementedError("the emulation runs 1-D grids of whole SIMD groups")
-        library = self._library(inputs, output_dtypes, list(template))
+        signature = (
+            tuple((a.dtype, a.size < 8, a.ndim == 0) for a in inputs),
+            tuple(output_dtypes),
+            tuple((n, str(v)) for n, v in template),
+        )
+        if signature not in self.libraries:
+            self.libraries[signature] = self._library(inputs, output_dtypes, list(template))
+        library = self.libraries[signature]
         host_in = [_to_numpy(a) for a in inputs]
         host_out = [np.zeros(shape, TYPES[d][1]) for shape, d in zip(output_shapes, output_dtypes)]
         pointers = lambda arrays: (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])

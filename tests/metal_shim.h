@@ -1,20 +1,21 @@
 // Metal's kernel built-ins for g++ (C++20), so that the source the package
 // hands to mx.fast.metal_kernel runs on this CPU (metal_emulation.py).
 //
-// A threadgroup is emulated by one OS thread per Metal thread; groups run one
+// A threadgroup is emulated by one fiber per Metal thread; groups run one
 // after another, so `threadgroup` arrays become function statics, shared by the
-// group's threads. threadgroup_barrier is a std::barrier over the group, and
-// each SIMD-group function an exchange through 32 slots between two barriers of
-// the SIMD group's 32 threads. What this cannot show: Metal's compiler, its
+// group's threads. threadgroup_barrier is a barrier over the group, and each
+// SIMD-group function an exchange through 32 slots between two barriers of the
+// SIMD group's 32 threads. What this cannot show: Metal's compiler, its
 // math library's rounding, and timing.
 #pragma once
-#include <barrier>
+#include <setjmp.h>
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
+#include <functional>
 #include <vector>
 
 typedef unsigned int uint;
@@ -51,29 +52,62 @@ namespace metal {
 using std::max;
 using std::min;
 namespace precise {
-inline float exp(float x) { return std::exp(x); }
 inline float log(float x) { return std::log(x); }
-inline float tanh(float x) { return std::tanh(x); }
 }  // namespace precise
+namespace fast {  // as precise here: the shim does not model Metal's approximations
+inline float exp(float x) { return std::exp(x); }
+}  // namespace fast
 }  // namespace metal
 using namespace metal;
 
-// The group being run and the calling thread's place in it.
+// The emulated threads are fibers (ucontext) taking turns on one OS thread:
+// a barrier is a yield until every participant has arrived, far cheaper than
+// waking OS threads on a 2-core machine.
+struct ShimBarrier {
+  uint count;
+  uint arrived = 0;
+  uint64_t generation = 0;
+};
+struct ShimFiber {
+  ucontext_t context;  // to enter the fiber the first time
+  jmp_buf resume;      // then _setjmp / _longjmp, which make no system call
+  std::vector<char> stack;
+  uint index = 0;
+  bool started = false;
+  bool done = false;
+};
 struct ShimGroup {
-  std::barrier<> all;
-  std::vector<std::unique_ptr<std::barrier<>>> simd;
+  ShimBarrier all;
+  std::vector<ShimBarrier> simd;
   std::vector<uint64_t> slots;  // 32 per SIMD group
-  explicit ShimGroup(uint threads) : all(threads), slots(threads) {
-    for (uint i = 0; i < threads / 32; ++i) {
-      simd.push_back(std::make_unique<std::barrier<>>(32));
-    }
-  }
+  explicit ShimGroup(uint threads) : all{threads}, simd(threads / 32, ShimBarrier{32}), slots(threads) {}
 };
 inline ShimGroup* shim_group = nullptr;
-inline thread_local uint shim_lane = 0;
-inline thread_local uint shim_simd = 0;
+inline ShimFiber* shim_fiber = nullptr;
+inline jmp_buf shim_scheduler;
+inline uint shim_lane = 0;
+inline uint shim_simd = 0;
+inline std::function<void(uint)> shim_body;  // runs one thread's kernels for every group
 
-inline void threadgroup_barrier(mem_flags) { shim_group->all.arrive_and_wait(); }
+inline void shim_yield() {
+  if (!_setjmp(shim_fiber->resume)) {
+    _longjmp(shim_scheduler, 1);
+  }
+}
+
+inline void shim_arrive_and_wait(ShimBarrier& b) {
+  if (++b.arrived == b.count) {
+    b.arrived = 0;
+    ++b.generation;
+    return;
+  }
+  const uint64_t generation = b.generation;
+  while (b.generation == generation) {
+    shim_yield();
+  }
+}
+
+inline void threadgroup_barrier(mem_flags) { shim_arrive_and_wait(shim_group->all); }
 
 // Every lane publishes x; f(values of lanes 0..31, lane) gives its result.
 template <typename U, typename F>
@@ -81,13 +115,14 @@ U shim_simd_exchange(U x, F f) {
   static_assert(sizeof(U) <= 8);
   uint64_t* slots = shim_group->slots.data() + 32 * shim_simd;
   std::memcpy(&slots[shim_lane], &x, sizeof(U));
-  shim_group->simd[shim_simd]->arrive_and_wait();
+  shim_arrive_and_wait(shim_group->simd[shim_simd]);
   U values[32];
   for (int i = 0; i < 32; ++i) {
     std::memcpy(&values[i], &slots[i], sizeof(U));
   }
-  shim_group->simd[shim_simd]->arrive_and_wait();
-  return f(values, shim_lane);
+  const uint lane = shim_lane;
+  shim_arrive_and_wait(shim_group->simd[shim_simd]);
+  return f(values, lane);
 }
 
 template <typename U>
@@ -139,29 +174,59 @@ U simd_prefix_exclusive_sum(U x) {
   });
 }
 
+inline void shim_fiber_main() {
+  shim_body(shim_fiber->index);
+  shim_fiber->done = true;
+  _longjmp(shim_scheduler, 1);
+}
+
 // Runs `groups` threadgroups of `threads` threads, one group at a time;
 // body(thread index in group, group index) runs one thread's kernel.
 template <typename Body>
 void shim_launch(uint groups, uint threads, Body body) {
   ShimGroup group(threads);
   shim_group = &group;
-  std::vector<std::thread> pool;
+  shim_body = [&](uint t) {
+    for (uint g = 0; g < groups; ++g) {
+      body(t, g);
+      shim_arrive_and_wait(group.all);  // the next group reuses the statics
+    }
+  };
+  std::vector<ShimFiber> fibers(threads);
   for (uint t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      shim_lane = t % 32;
-      shim_simd = t / 32;
-      for (uint g = 0; g < groups; ++g) {
-        body(t, g);
-        group.all.arrive_and_wait();  // the next group reuses the statics
-      }
-    });
+    ShimFiber& f = fibers[t];
+    f.index = t;
+    f.stack.resize(1 << 16);
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.data();
+    f.context.uc_stack.ss_size = f.stack.size();
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, shim_fiber_main, 0);
   }
-  for (auto& p : pool) p.join();
+  for (uint finished = 0; finished < threads;) {
+    finished = 0;
+    for (ShimFiber& f : fibers) {
+      if (f.done) {
+        ++finished;
+        continue;
+      }
+      shim_fiber = &f;
+      shim_lane = f.index % 32;
+      shim_simd = f.index / 32;
+      if (!_setjmp(shim_scheduler)) {
+        if (f.started) {
+          _longjmp(f.resume, 1);
+        }
+        f.started = true;
+        setcontext(&f.context);
+      }
+    }
+  }
   shim_group = nullptr;
 }
 
-// Metal's address spaces and attributes, last: the shim's own code above uses
-// `std::thread`. [[kernel]] becomes [[]]; [[buffer(i)]] and the thread
+// Metal's address spaces and attributes, last: the shim's own code above must
+// not see them (`thread` is a word of C++ libraries too). [[kernel]] becomes [[]]; [[buffer(i)]] and the thread
 // attributes are unknown attributes to g++ (-Wno-attributes).
 #define device
 #define constant

@@ -1,0 +1,249 @@
+"""The fused sampler kernel (metal/, mlx_diffusiongemma/kernels.py).
+
+There is no GPU here. The Metal source is run by emulation: the package's own
+code launches it through `metal_emulation.metal_kernel` (mx.fast.metal_kernel's
+interface: mlx's generated signature around the same header and body, compiled
+with g++ against metal_shim.h). The CUDA source is compiled with nvcc for
+sm_90. What neither checks: Metal's and NVRTC's compilers and math libraries,
+and speed; benchmarks/fused_sampler.py does on a GPU.
+"""
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import metal_emulation
+from cuda_build import cuda_source, nvcc_compile
+from mlx_diffusiongemma import diffusion_generate, kernels, load, sampling
+from mlx_diffusiongemma.demo import problems, score
+
+ROOT = Path(__file__).resolve().parent.parent
+T = mx.array(0.7, mx.float32)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    """The kernel path on: a 'Metal' backend whose kernels run by emulation."""
+    monkeypatch.setattr(mx.fast, "metal_kernel", metal_emulation.metal_kernel)
+    monkeypatch.setattr(kernels, "backend", lambda: "metal")
+    monkeypatch.setattr(sampling, "_fused_checked", {})
+    kernels.kernel.cache_clear()
+    yield
+    kernels.kernel.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", kernels.LOGITS_DTYPES)
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("weights_dtype", [mx.float32, mx.bfloat16])
+def test_matches_mlx_path_on_edge_rows(emulated, dtype, softcap, weights_dtype):
+    """The guard's input: four SIMD groups, the last short; -inf entries, a
+    one-hot and a flat row, a maximum far from the bound."""
+    logits, temperature, key = sampling._check_input(dtype, softcap)
+    assert sampling.fused_disagreements(logits, temperature, key, softcap, weights_dtype) == []
+
+
+@pytest.mark.parametrize("V", [14, 33, 1000, 2047, 40000])
+def test_matches_mlx_path_at_any_row_length(emulated, V):
+    """Rows shorter than a SIMD group, not a multiple of anything, one to 32 SIMD groups."""
+    logits = mx.random.normal((5, V), key=mx.random.key(V)) * 3.0
+    assert sampling.fused_disagreements(logits, T, mx.random.key(2), 30.0, mx.bfloat16) == []
+    assert sampling.fused_disagreements(logits, T, mx.random.key(3), None, mx.float32) == []
+
+
+def test_edge_rows_by_their_own_rules(emulated):
+    """What the rows must give whatever the MLX path says: a flat row's argmax
+    is its first index and its entropy log V; a one-hot row always draws its
+    token; -inf entries are never drawn."""
+    V = 3000
+    flat = mx.zeros((1, V))
+    one_hot = mx.where(mx.arange(V) == 2999, 50.0, -50.0)[None]
+    sparse = mx.where(mx.arange(V) % 1000 == 7, 0.0, -mx.inf)[None]  # 3 tokens: 7, 1007, 2007
+    logits = mx.concatenate([flat, mx.repeat(one_hot, 50, axis=0), mx.repeat(sparse, 300, axis=0)])
+    out = kernels.row_sample(logits, T, mx.random.key(0), None, mx.float32)
+    assert out.argmax[0].item() == 0
+    assert out.entropy[0].item() == pytest.approx(math.log(V), rel=1e-5)
+    assert set(np.array(out.draw[1:51]).tolist()) == {2999}
+    sparse_draws = np.array(out.draw[51:])
+    assert set(sparse_draws.tolist()) == {7, 1007, 2007}  # all three, nothing else
+    assert np.allclose(np.array(out.weights[51:]).sum(-1) / np.array(out.total[51:]), 1.0, rtol=1e-5)
+
+
+def chi_square(draws: np.ndarray, probs: np.ndarray) -> tuple:
+    expected = probs * draws.size
+    keep = expected >= 5
+    counts = np.bincount(draws, minlength=probs.size)
+    assert counts[~keep].sum() <= 5 * max(1.0, expected[~keep].sum())
+    stat = ((counts - expected)[keep] ** 2 / expected[keep]).sum()
+    return stat, int(keep.sum()) - 1
+
+
+def test_draws_follow_the_softmax_and_are_independent(emulated):
+    """Chi-square of 3000 draws per distribution against softmax(z); rows
+    (positions) and keys (steps, canvases) draw independently: pairs of
+    draws of a fair coin fall in all four cells evenly."""
+    base = mx.random.normal((3, 40), key=mx.random.key(5)) * 2.0
+    n = 3000
+    draws = np.array(kernels.row_sample(mx.repeat(base, n, axis=0), T, mx.random.key(6)).draw)
+    probs = np.array(mx.softmax(base / T, axis=-1), np.float64)
+    for row in range(3):
+        stat, dof = chi_square(draws[row * n : (row + 1) * n], probs[row])
+        assert stat < dof + 5 * math.sqrt(2 * dof), (row, stat, dof)  # about 5 standard deviations
+    coin = mx.zeros((4000, 2))
+    by_position = np.array(kernels.row_sample(coin, T, mx.random.key(7)).draw)
+    other_step = np.array(kernels.row_sample(coin, T, mx.random.key(8)).draw)
+    for a, b in ((by_position[0::2], by_position[1::2]), (by_position, other_step)):
+        cells = np.bincount(2 * a + b, minlength=4)
+        stat = ((cells - a.size / 4) ** 2 / (a.size / 4)).sum()
+        assert stat < 3 + 5 * math.sqrt(6), cells
+
+
+def test_same_key_same_draws_as_the_mlx_path(emulated):
+    """Kernel and MLX path draw with the same uniforms (row_uniforms of the
+    step's key): the same tokens from the same seed, but for a uniform that
+    lands within rounding of a boundary of the cumulative sum."""
+    logits = mx.random.normal((1, 64, 500), key=mx.random.key(9)) * 2.0
+    randomness = sampling.Randomness(11)
+    mlx_path = sampling.predict(logits, T, randomness)
+    fused = sampling.predict(logits, T, sampling.Randomness(11), fused=True)
+    again = sampling.predict(logits, T, sampling.Randomness(11), fused=True)
+    assert np.array_equal(np.array(fused.draw), np.array(again.draw))
+    assert np.array_equal(np.array(fused.draw), np.array(mlx_path.draw))
+    assert np.array_equal(np.array(fused.argmax), np.array(mlx_path.argmax))
+    assert fused.processed is None and mlx_path.processed is not None
+
+
+def _broken_source(replace: tuple):
+    source = kernels.source
+
+    def patched(backend_name):
+        header, body = source(backend_name)
+        assert replace[0] in body
+        return header, body.replace(*replace)
+
+    return patched
+
+
+@pytest.mark.parametrize(
+    "replace, reason",
+    [
+        (("int(begin + pick.index)", "int(begin)"), "drew"),  # a wrong draw
+        (("flog(total.s) - total.t / total.s", "flog(total.s)"), "entropy"),
+        (("RowStats stats;", "RowStats stats = ;"), "g\\+\\+ rejected"),  # does not compile
+    ],
+)
+def test_a_broken_kernel_is_never_used(emulated, monkeypatch, replace, reason):
+    monkeypatch.setattr(kernels, "source", _broken_source(replace))
+    with pytest.warns(RuntimeWarning, match=f"fused sampler kernel .* is not used.*{reason}"):
+        assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0)
+    assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0)  # decided once, warned once
+    model, tokenizer = load("demo")
+    result = sampling_run(model, tokenizer)
+    assert result.text.isdigit()
+
+
+def sampling_run(model, tokenizer, **options):
+    return diffusion_generate(model, tokenizer, "5180", seed=1, max_tokens=12, **options)
+
+
+def test_generation_takes_the_kernel_and_can_be_told_not_to(emulated, monkeypatch):
+    model, tokenizer = load("demo")
+    calls = []
+    row_sample = kernels.row_sample
+    monkeypatch.setattr(kernels, "row_sample", lambda *a, **k: (calls.append(a[0].dtype), row_sample(*a, **k))[1])
+    decode = model.decode
+    raw = []
+    monkeypatch.setattr(model, "decode", lambda *a, **k: (raw.append(k["raw_logits"]), decode(*a, **k))[1])
+    fused = sampling_run(model, tokenizer)
+    assert calls and all(raw)
+    calls.clear(), raw.clear()
+    plain = sampling_run(model, tokenizer, fused_sampling=False)
+    assert not calls and not any(raw)
+    assert fused.text == plain.text == "0158"
+
+
+def test_demo_quality_with_the_kernel(emulated):
+    """The demo's held-out problems with the kernel forced on score as the
+    MLX path does (within 1 point)."""
+    model, tokenizer = load("demo")
+    cases = problems(200, seed=2)
+    fused, _, _ = score(model, tokenizer, cases)
+    assert sampling._fused_checked  # the kernel ran
+    plain, _, _ = score(model, tokenizer, cases, fused_sampling=False)
+    assert abs(fused - plain) <= 0.01 and fused >= 0.95
+
+
+def test_cpu_takes_the_mlx_path(monkeypatch):
+    monkeypatch.setattr(sampling, "_fused_checked", {})
+    with mx.stream(mx.cpu):
+        mx.set_default_device(mx.cpu)
+        assert kernels.backend() is None
+        assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0)
+    assert not sampling._fused_checked  # nothing was tried
+
+
+def test_emulation_runs_the_text_mlx_would_compile():
+    """The emulated source is mlx's Metal signature around the package's own
+    header and body, unchanged."""
+    header, body = kernels.source("metal")
+    kernel = metal_emulation.metal_kernel("row_sampler", kernels.INPUTS, kernels.OUTPUTS, body, header)
+    inputs = [mx.zeros((4, 100), mx.bfloat16), mx.zeros(3), mx.zeros(2, mx.uint32)]
+    text = kernel.signature_source(inputs, [mx.int32] * 2 + [mx.float32] * 3 + [mx.bfloat16], [("T", mx.bfloat16), ("V", 100)])
+    assert text.startswith(header) and body in text
+    assert "template <typename T, int V>\n[[kernel]] void custom_kernel_row_sampler(" in text
+    assert "const device bfloat16_t* logits [[buffer(0)]]" in text
+    assert "const constant float* params [[buffer(1)]]" in text  # fewer than 8 elements: constant
+    assert "uint thread_index_in_simdgroup [[thread_index_in_simdgroup]]" in text
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize(
+    "dtype, weights_dtype, softcap",
+    [(mx.bfloat16, mx.bfloat16, True), (mx.float16, mx.float32, False)],
+)
+def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap):
+    header, body = kernels.source("cuda")
+    outputs = list(zip(kernels.OUTPUTS, [mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype]))
+    template = [("T", dtype), ("W", weights_dtype), ("V", 262144), ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True)]
+    source = cuda_source("row_sampler", header, body, [("logits", dtype), ("params", mx.float32), ("key", mx.uint32)], outputs, template)
+    result = nvcc_compile(source, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_wheel_ships_the_kernel_sources(tmp_path):
+    """metal/ is installed inside the package, and the installed package
+    reads its kernel sources from there."""
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("mlx_diffusiongemma-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("mlx_diffusiongemma/metal/")}
+    expected = {f"mlx_diffusiongemma/metal/{p.name}" for p in (ROOT / "metal").iterdir() if p.suffix in (".h", ".body", ".md", ".py")}
+    assert expected <= shipped and len(expected) >= 5
+    target = tmp_path / "site"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = (
+        "from mlx_diffusiongemma import kernels; import sys; h, b = kernels.source('cuda'); "
+        "print(kernels.__file__); print('__syncthreads' in h and 'row_uniform' in b)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    module, found = run.stdout.split()
+    assert module.startswith(str(target)) and found == "True"
