@@ -20,7 +20,8 @@ Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
   - MLX path: the same step's work in MLX ops (softcap to float32, predict,
     the processed logits cast to bfloat16 for self-conditioning);
   - copy: x + 0 over the logits (a read and a write), whose bytes per second
-    give one read's floor: bytes(logits) / copy bandwidth.
+    give one read's floor: bytes(logits) / copy bandwidth;
+  - stats only again with 4, 8, 16 and 32 entries loaded per lane at once.
 """
 
 import argparse
@@ -125,6 +126,12 @@ def timing(report: dict, repeats: int) -> None:
             "fused path step ms": fused * 1e3,
             "MLX path / fused path": mlx / fused,
         }
+        for loads in (4, 8, 16, 32):  # entries per lane per round (kernels.LOADS)
+            default, kernels.LOADS = kernels.LOADS, {dtype.size: loads}
+            try:
+                row[f"fused stats only, LOADS {loads} ms"] = timed(lambda: kernels.row_sample(raw, temperature, key, CAP)[:5], repeats) * 1e3
+            finally:
+                kernels.LOADS = default
         report[f"timing {dtype}"] = row
         print(f"timing, {dtype} raw logits [{ROWS}, {VOCAB}]:")
         for k, v in row.items():
@@ -140,7 +147,7 @@ def main() -> int:
     if backend is None:
         print("mlx's default device is not a GPU: the fused kernel does not run here", file=sys.stderr)
         return 2
-    print(f"backend: {backend}, mlx {mx.__version__}")
+    print(f"backend: {backend}, mlx {mx.__version__}, LOADS {kernels.LOADS}")
     report = {"backend": backend, "mlx": mx.__version__}
     ok = check(report)
     timing(report, args.repeats)

@@ -22,6 +22,8 @@ OUTPUTS = ("argmax", "draw", "entropy", "logsumexp", "total_weight", "weights")
 PRELUDES = {"metal": "metal_prelude.h", "cuda": "cuda_prelude.h"}
 LOGITS_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 MAX_SIMD_GROUPS = 32  # 1024 threads, the most both backends run in one group
+# entries a lane loads at once, by the logits' bytes per entry: 32 bytes in flight per lane
+LOADS = {2: 16, 4: 8}
 
 
 class RowSample(NamedTuple):
@@ -98,7 +100,14 @@ def row_sample(
     scalars = [(rows,)] * 5
     outputs = kernel(backend_name)(
         inputs=[logits.reshape(rows, V), params, key.astype(mx.uint32)],
-        template=[("T", logits.dtype), ("W", weights_dtype), ("V", V), ("SOFTCAP", softcap is not None), ("WRITE_WEIGHTS", write)],
+        template=[
+            ("T", logits.dtype),
+            ("W", weights_dtype),
+            ("V", V),
+            ("LOADS", LOADS[logits.dtype.size]),
+            ("SOFTCAP", softcap is not None),
+            ("WRITE_WEIGHTS", write),
+        ],
         grid=(threads * rows, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[*scalars, (rows, V) if write else (1,)],

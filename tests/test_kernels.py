@@ -211,7 +211,7 @@ def test_emulation_runs_the_text_mlx_would_compile():
 def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap):
     header, body = kernels.source("cuda")
     outputs = list(zip(kernels.OUTPUTS, [mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype]))
-    template = [("T", dtype), ("W", weights_dtype), ("V", 262144), ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True)]
+    template = [("T", dtype), ("W", weights_dtype), ("V", 262144), ("LOADS", 16), ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True)]
     source = cuda_source("row_sampler", header, body, [("logits", dtype), ("params", mx.float32), ("key", mx.uint32)], outputs, template)
     result = nvcc_compile(source, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
