@@ -23,7 +23,7 @@ PRELUDES = {"metal": "metal_prelude.h", "cuda": "cuda_prelude.h"}
 LOGITS_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 MAX_SIMD_GROUPS = 32  # 1024 threads, the most both backends run in one group
 # entries a lane loads at once, by the logits' bytes per entry: 32 bytes in flight per lane
-LOADS = {2: 16, 4: 8}
+LOADS = {2: 8, 4: 8}
 
 
 class RowSample(NamedTuple):
