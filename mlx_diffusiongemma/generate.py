@@ -224,7 +224,7 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
     fused = (
         opts.fused_sampling
         and isinstance(randomness, Randomness)
-        and fused_sampler_ready(model.dtype, weights_dtype, softcap)
+        and fused_sampler_ready(model.dtype, weights_dtype, softcap, V)
     )
     self_conditioning = {}
     acceptance.reset()

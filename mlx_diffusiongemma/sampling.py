@@ -180,19 +180,20 @@ def _distribution(logits: mx.array, temperature: mx.array) -> tuple:
 _fused_checked: dict = {}  # (backend, logits dtype, weights dtype, softcapped) -> passed
 
 
-def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optional[float]) -> bool:
+def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> bool:
     """Whether the fused kernel runs here and, the first time in this process
-    for these dtypes, agreed with the MLX path on a small input (rows of any
-    length, -inf entries, one-hot and flat rows, a maximum far below the
-    bound). A kernel that fails to compile or disagrees is reported once and
-    never used: it must not emit wrong tokens."""
+    for these dtypes and row length, agreed with the MLX path on rows of that
+    length (-inf entries, one-hot and flat rows, a maximum far below the
+    bound), launched as generation launches it. A kernel that fails to
+    compile or launch, or disagrees, is reported once and never used: it
+    must not emit wrong tokens."""
     backend = kernels.backend()
     if backend is None:
         return False
-    signature = (backend, dtype, weights_dtype, softcap is not None)
+    signature = (backend, dtype, weights_dtype, softcap is not None, vocab_size)
     if signature not in _fused_checked:
         try:
-            problems = fused_disagreements(*_check_input(dtype, softcap), softcap, weights_dtype)
+            problems = fused_disagreements(*check_input(dtype, softcap, vocab_size), softcap, weights_dtype)
         except Exception as error:  # a compile error, a launch failure
             problems = [f"{type(error).__name__}: {error}"]
         if problems:
@@ -206,15 +207,18 @@ def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optio
     return _fused_checked[signature]
 
 
-def _check_input(dtype: mx.Dtype, softcap: Optional[float]) -> tuple:
-    """Eight rows of 4133 logits (four SIMD groups, the last one short)."""
-    rows, V = 8, 4133
+def check_input(dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> tuple:
+    """(logits [8, vocab_size], temperature, key) with the rows a kernel gets
+    wrong first: random, with -inf entries, one-hot, flat (every index ties:
+    the argmax is the first), a maximum far below the bound (cap /
+    temperature; infinite without a softcap)."""
+    rows, V = 8, vocab_size
     logits = mx.random.normal((rows, V), key=mx.random.key(0)) * (8.0 if softcap else 3.0)
     column = mx.arange(V)
-    logits = mx.where((column % 7 == 3) & (mx.arange(rows)[:, None] == 1), -mx.inf, logits)  # -inf entries
-    logits[2] = mx.where(column == 4000, 20.0, -20.0)  # one-hot
-    logits[3] = 0.0  # flat: every index ties, the argmax is the first
-    logits[4] = logits[4] - (40.0 if softcap else 400.0)  # a maximum far below the bound (cap / temperature)
+    logits = mx.where((column % 7 == 3) & (mx.arange(rows)[:, None] == 1), -mx.inf, logits)
+    logits[2] = mx.where(column == V - 1, 20.0, -20.0)
+    logits[3] = 0.0
+    logits[4] = logits[4] - (40.0 if softcap else 400.0)
     return logits.astype(dtype), mx.array(0.6, mx.float32), mx.random.key(1)
 
 

@@ -44,9 +44,9 @@ def emulated(monkeypatch):
 @pytest.mark.parametrize("softcap", [None, 30.0])
 @pytest.mark.parametrize("weights_dtype", [mx.float32, mx.bfloat16])
 def test_matches_mlx_path_on_edge_rows(emulated, dtype, softcap, weights_dtype):
-    """The guard's input: four SIMD groups, the last short; -inf entries, a
-    one-hot and a flat row, a maximum far from the bound."""
-    logits, temperature, key = sampling._check_input(dtype, softcap)
+    """The guard's rows (-inf entries, one-hot and flat rows, a maximum far
+    from the bound) at 4133 entries: four SIMD groups, the last short."""
+    logits, temperature, key = sampling.check_input(dtype, softcap, 4133)
     assert sampling.fused_disagreements(logits, temperature, key, softcap, weights_dtype) == []
 
 
@@ -142,8 +142,8 @@ def _broken_source(replace: tuple):
 def test_a_broken_kernel_is_never_used(emulated, monkeypatch, replace, reason):
     monkeypatch.setattr(kernels, "source", _broken_source(replace))
     with pytest.warns(RuntimeWarning, match=f"fused sampler kernel .* is not used.*{reason}"):
-        assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0)
-    assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0)  # decided once, warned once
+        assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0, 14)
+    assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0, 14)  # decided once, warned once
     model, tokenizer = load("demo")
     result = sampling_run(model, tokenizer)
     assert result.text.isdigit()
@@ -185,7 +185,7 @@ def test_cpu_takes_the_mlx_path(monkeypatch):
     with mx.stream(mx.cpu):
         mx.set_default_device(mx.cpu)
         assert kernels.backend() is None
-        assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0)
+        assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0, 14)
     assert not sampling._fused_checked  # nothing was tried
 
 
