@@ -218,7 +218,8 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
     C, V, N = model.args.canvas_length, model.args.vocab_size, opts.max_denoising_steps
     top_k = opts.self_conditioning_k if opts.self_conditioning == "top-k" else None
     # the fused kernel reads the raw lm_head output (softcapped inside) and
-    # writes the self-conditioning weights in the embedding's dtype
+    # writes the self-conditioning weights in bfloat16 for a bfloat16 model,
+    # else in float32 (float16 would underflow against the kernel's bound)
     weights_dtype = mx.bfloat16 if model.dtype == mx.bfloat16 else mx.float32
     softcap = model.args.final_logit_softcapping
     fused = (

@@ -7,7 +7,9 @@ Each matches its reference counterpart on the same inputs; `generate.py`
 strings them together in the reference's order. `predict` reads the logits
 with one exponential pass, shared by the draw, the entropy (for acceptance and
 stopping) and the next step's self-conditioning: transcendental passes over
-[canvas, vocab] logits are what a step costs once the decoder has run.
+[canvas, vocab] logits are what a step costs once the decoder has run. On a
+GPU one fused kernel (kernels.py) does the same in one read of the logits,
+once it has agreed with this path (`fused_sampler_ready`).
 """
 
 import math
@@ -177,7 +179,7 @@ def _distribution(logits: mx.array, temperature: mx.array) -> tuple:
     return weights, total, argmax, entropy
 
 
-_fused_checked: dict = {}  # (backend, logits dtype, weights dtype, softcapped) -> passed
+_fused_checked: dict = {}  # (backend, logits dtype, weights dtype, softcapped, vocab size) -> passed
 
 
 def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> bool:

@@ -217,33 +217,35 @@ def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _run(*command, **kwargs) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_wheel_ships_the_kernel_sources(tmp_path):
     """metal/ is installed inside the package, and the installed package
     reads its kernel sources from there."""
-    wheels = tmp_path / "wheels"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)],
-        capture_output=True,
-        text=True,
-    )
-    assert build.returncode == 0, build.stderr[-3000:]
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT))
     (wheel,) = wheels.glob("mlx_diffusiongemma-*.whl")
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("mlx_diffusiongemma/metal/")}
     expected = {f"mlx_diffusiongemma/metal/{p.name}" for p in (ROOT / "metal").iterdir() if p.suffix in (".h", ".body", ".md", ".py")}
     assert expected <= shipped and len(expected) >= 5
-    target = tmp_path / "site"
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True,
-        text=True,
-    )
-    assert install.returncode == 0, install.stderr[-3000:]
+    _run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel))
     probe = (
-        "from mlx_diffusiongemma import kernels; import sys; h, b = kernels.source('cuda'); "
+        "from mlx_diffusiongemma import kernels; h, b = kernels.source('cuda'); "
         "print(kernels.__file__); print('__syncthreads' in h and 'row_uniform' in b)"
     )
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    module, found = run.stdout.split()
+    out = _run(sys.executable, "-c", probe, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
+    module, found = out.split()
     assert module.startswith(str(target)) and found == "True"
+
+
+def test_no_fused_sampling_flag():
+    from mlx_diffusiongemma.cli import parse_args
+
+    _, args = parse_args(["--model", "m", "--prompt", "p", "--no-fused-sampling"])
+    assert args.fused_sampling is False
+    _, args = parse_args(["--model", "m", "--prompt", "p"])
+    assert args.fused_sampling is None  # unset: the option's default (True)

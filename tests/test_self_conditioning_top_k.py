@@ -93,7 +93,11 @@ def test_k_at_least_vocabulary_generates_as_exact(chat_checkpoint, monkeypatch):
     V = model.args.vocab_size
     inputs = []
     decode = model.decode
-    monkeypatch.setattr(model, "decode", lambda *a, **kw: (inputs.append(sorted(k for k in kw if k.startswith("self_"))), decode(*a, **kw))[1])
+    def recorded(*a, **kw):
+        inputs.append(sorted(k for k in kw if k.startswith("self_conditioning")))
+        return decode(*a, **kw)
+
+    monkeypatch.setattr(model, "decode", recorded)
 
     def run(**options):
         inputs.clear()
