@@ -169,6 +169,21 @@ def test_generation_takes_the_kernel_and_can_be_told_not_to(emulated, monkeypatc
     assert fused.text == plain.text == "0158"
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{"self_conditioning": "top-k", "self_conditioning_k": 3}, {"acceptance": "confidence", "min_confidence": 0.5}],
+)
+def test_other_sampler_options_read_the_kernels_weights(emulated, options):
+    """Top-k self-conditioning and confidence acceptance read the kernel's
+    weights as they read the MLX path's: the same answers from the same seeds."""
+    model, tokenizer = load("demo")
+    for seed in range(3):
+        fused = diffusion_generate(model, tokenizer, "93170", seed=seed, max_tokens=12, **options)
+        plain = diffusion_generate(model, tokenizer, "93170", seed=seed, max_tokens=12, fused_sampling=False, **options)
+        assert fused.tokens == plain.tokens and fused.denoising_steps == plain.denoising_steps
+    assert sampling._fused_checked
+
+
 def test_demo_quality_with_the_kernel(emulated):
     """The demo's held-out problems with the kernel forced on score as the
     MLX path does (within 1 point)."""
