@@ -10,7 +10,8 @@ CPU the kernel does not run (the tests run its Metal source by emulation).
 Check: sampling.fused_disagreements (argmax exactly, entropy, logsumexp and
 probabilities closely, each draw inside the MLX path's cumulative crossing)
 for every logits dtype x softcap x weights dtype on the guard's edge rows
-(sampling.check_input) at 4133 entries and on full-size rows; a chi-square of 20000 draws per row against
+(sampling.check_input) at 4133 entries and on full-size rows, and the top 1
+and top 64 on full-size rows; a chi-square of 20000 draws per row against
 softmax(z) on a few rows of 64 tokens.
 
 Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
@@ -19,6 +20,8 @@ Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
     softcap inside, bfloat16 weights out;
   - MLX path: the same step's work in MLX ops (softcap to float32, predict,
     the processed logits cast to bfloat16 for self-conditioning);
+  - the same two with top-64 self-conditioning (the kernel's own top k and
+    no weights, against the MLX path's top_k_indices over its weights);
   - copy: x + 0 over the logits (a read and a write), whose bytes per second
     give one read's floor: bytes(logits) / copy bandwidth;
   - stats only again with 4, 8, 16 and 32 entries loaded per lane at once.
@@ -69,6 +72,14 @@ def check(report: dict) -> bool:
                 report[name] = {"small": small[:3], "full": full[:3]}
                 print(f"check {name}: {'ok' if not small + full else small[:2] + full[:2]}", flush=True)
                 ok &= not small + full
+    for top_k in (1, 64):
+        name = f"top {top_k}, bfloat16 raw logits, softcap {CAP}, no weights"
+        full = sampling.fused_disagreements(
+            realistic_logits(mx.bfloat16, mx.random.key(7)), mx.array(0.6, mx.float32), mx.random.key(8), CAP, None, top_k
+        )
+        report[name] = full[:3]
+        print(f"check {name}: {'ok' if not full else full[:2]}", flush=True)
+        ok &= not full
     # chi-square: 4 rows of 64 tokens, each repeated 5000 times in one launch
     # (rows differ in their counter, so each is an independent draw)
     logits = mx.random.normal((4, 64), key=mx.random.key(3)) * 2.0
@@ -110,8 +121,18 @@ def timing(report: dict, repeats: int) -> None:
             p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, mx.bfloat16, fused=True)
             return p.argmax, p.draw, p.entropy, p.weights, p.total
 
+        def mlx_top_k():  # the MLX path with top-64 self-conditioning
+            p = sampling.predict(raw, temperature, sampling.Randomness(0), softcap=CAP)
+            ids = sampling.top_k_indices(p.weights, 64)
+            return p.argmax, p.draw, p.entropy, ids, mx.take_along_axis(p.weights, ids, axis=-1) / p.total
+
+        def fused_top_k():
+            p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, None, True, 64)
+            return p.argmax, p.draw, p.entropy, *p.top_k
+
         mlx = timed(mlx_path, repeats)
         fused = timed(fused_path, repeats)
+        mlx_k, fused_k = timed(mlx_top_k, repeats), timed(fused_top_k, repeats)
         row = {
             "logits MB": nbytes / 1e6,
             "copy ms": copy * 1e3,
@@ -125,6 +146,9 @@ def timing(report: dict, repeats: int) -> None:
             "MLX path step ms": mlx * 1e3,
             "fused path step ms": fused * 1e3,
             "MLX path / fused path": mlx / fused,
+            "top-64 step, MLX path ms": mlx_k * 1e3,
+            "top-64 step, fused path ms": fused_k * 1e3,
+            "top-64 MLX path / fused path": mlx_k / fused_k,
         }
         for loads in (4, 8):  # entries per lane per round (kernels.LOADS); 16 exceeds the registers at 1024 threads
             default, kernels.LOADS = kernels.LOADS, {dtype.size: loads}

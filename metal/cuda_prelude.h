@@ -4,6 +4,7 @@
 // compiles for mx.fast.cuda_kernel.
 #define DEVICE_FN __device__ inline
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define POS_INF __int_as_float(0x7f800000)
 typedef unsigned int uint;
 
 #define threadgroup __shared__

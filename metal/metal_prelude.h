@@ -3,6 +3,7 @@
 // thread_index_in_simdgroup, ...); Metal needs only these few helpers.
 #define DEVICE_FN inline
 #define NEG_INF (-INFINITY)
+#define POS_INF INFINITY
 // The exponential per logit is the fast one (a few ulps); the logarithms, a
 // few per row, are precise.
 DEVICE_FN float fexp(float x) { return metal::fast::exp(x); }

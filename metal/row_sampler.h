@@ -96,3 +96,57 @@ DEVICE_FN Pick pick_piece(float piece, float target, uint lane) {
   out.before = simd_shuffle(exclusive, out.index);
   return out;
 }
+
+// A SIMD group's k largest (value, index) pairs, k <= 64: slot j lives in lane
+// j % 32 as its (j / 32)-th entry; slots past k hold +inf and are never the
+// smallest. Every lane knows tau, the smallest kept value, and where it lives.
+struct TopList {
+  float v0;
+  float v1;
+  uint i0;
+  uint i1;
+  float tau;
+  uint min_lane;
+  uint min_which;
+};
+
+DEVICE_FN TopList top_list_refresh(TopList l, uint lane) {
+  const bool second = l.v1 < l.v0;
+  const float mine = second ? l.v1 : l.v0;
+  l.tau = simd_min(mine);
+  l.min_lane = simd_min(mine == l.tau ? lane : 32u);
+  l.min_which = simd_shuffle(second ? 1u : 0u, l.min_lane);
+  return l;
+}
+
+DEVICE_FN TopList top_list_new(uint k, uint lane) {
+  TopList l;
+  l.v0 = lane < k ? NEG_INF : POS_INF;
+  l.v1 = lane + 32u < k ? NEG_INF : POS_INF;
+  l.i0 = lane;
+  l.i1 = lane + 32u;
+  return top_list_refresh(l, lane);
+}
+
+// Each lane offers (value, index): every value above tau goes in, in lane
+// order, each pushing out the smallest kept one (ties stay out).
+DEVICE_FN TopList top_list_offer(TopList l, float value, uint index, uint lane) {
+  bool want = value > l.tau;
+  while (simd_max(want ? 1u : 0u) != 0u) {
+    const uint first = simd_min(want ? lane : 32u);
+    const float v = simd_shuffle(value, first);
+    const uint vi = simd_shuffle(index, first);
+    if (lane == l.min_lane) {
+      if (l.min_which == 0u) {
+        l.v0 = v;
+        l.i0 = vi;
+      } else {
+        l.v1 = v;
+        l.i1 = vi;
+      }
+    }
+    l = top_list_refresh(l, lane);
+    want = want && lane != first && value > l.tau;
+  }
+  return l;
+}

@@ -16,6 +16,7 @@ import numpy as np
 from mlx_lm.generate import generation_stream, wired_limit
 
 from .chat import render_prompt, split_thinking
+from .kernels import MAX_TOP_K
 from .sampling import (
     ConfidenceAcceptance,
     EntropyBoundAcceptance,
@@ -219,13 +220,18 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
     top_k = opts.self_conditioning_k if opts.self_conditioning == "top-k" else None
     # the fused kernel reads the raw lm_head output (softcapped inside) and
     # writes the self-conditioning weights in bfloat16 for a bfloat16 model,
-    # else in float32 (float16 would underflow against the kernel's bound)
-    weights_dtype = mx.bfloat16 if model.dtype == mx.bfloat16 else mx.float32
+    # else in float32 (float16 would underflow against the kernel's bound);
+    # for top-k self-conditioning it picks the k ids itself (k <= 64), and
+    # then writes weights only for confidence acceptance
     softcap = model.args.final_logit_softcapping
+    kernel_top_k = top_k if top_k is not None and top_k <= min(MAX_TOP_K, V - 1) else None
+    weights_dtype = mx.bfloat16 if model.dtype == mx.bfloat16 else mx.float32
+    if kernel_top_k is not None and opts.acceptance != "confidence":
+        weights_dtype = None
     fused = (
         opts.fused_sampling
         and isinstance(randomness, Randomness)
-        and fused_sampler_ready(model.dtype, weights_dtype, softcap, V)
+        and fused_sampler_ready(model.dtype, weights_dtype, softcap, V, kernel_top_k)
     )
     self_conditioning = {}
     acceptance.reset()
@@ -235,7 +241,7 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
             logits = model.decode(canvas, cache, raw_logits=fused, **self_conditioning)
             temperature = linear_temperature(cur_step, N, opts.t_min, opts.t_max)
             if fused:
-                prediction = predict(logits, temperature, randomness, softcap, weights_dtype, fused=True)
+                prediction = predict(logits, temperature, randomness, softcap, weights_dtype, True, kernel_top_k)
             else:
                 prediction = predict(logits, temperature, randomness)
             accepted, kept = acceptance(canvas, prediction)
@@ -263,6 +269,8 @@ def _self_conditioning(prediction, dtype: mx.Dtype, top_k: Optional[int] = None)
     [C, V] @ [V, H] product. k >= V keeps every term: that is the exact mode,
     so it takes the exact path (the same sum in another order rounds
     differently, and the feedback amplifies that into other tokens)."""
+    if prediction.top_k is not None:  # the fused kernel's
+        return {"self_conditioning_top_k": prediction.top_k}
     if top_k is not None and top_k < prediction.weights.shape[-1]:
         ids = top_k_indices(prediction.weights, top_k)
         probs = mx.take_along_axis(prediction.weights, ids, axis=-1) / prediction.total

@@ -18,10 +18,11 @@ import mlx.core as mx
 
 NAME = "row_sampler"
 INPUTS = ("logits", "params", "key")
-OUTPUTS = ("argmax", "draw", "entropy", "logsumexp", "total_weight", "weights")
+OUTPUTS = ("argmax", "draw", "entropy", "logsumexp", "total_weight", "weights", "top_ids", "top_probs")
 PRELUDES = {"metal": "metal_prelude.h", "cuda": "cuda_prelude.h"}
 LOGITS_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 MAX_SIMD_GROUPS = 32  # 1024 threads, the most both backends run in one group
+MAX_TOP_K = 64  # two list slots per lane
 # entries a lane loads at once, by the logits' bytes per entry: 32 bytes in flight per lane
 LOADS = {2: 8, 4: 8}
 
@@ -35,6 +36,7 @@ class RowSample(NamedTuple):
     logsumexp: mx.array  # float32
     total: mx.array  # float32: the sum of the weights
     weights: Optional[mx.array]  # [..., V] exp(z - shift) in the requested dtype, or None
+    top_k: Optional[tuple]  # (ids int32, probabilities float32) [..., k] in no order, or None
 
 
 def backend() -> Optional[str]:
@@ -74,6 +76,7 @@ def row_sample(
     key: mx.array,
     softcap: Optional[float] = None,
     weights_dtype: Optional[mx.Dtype] = None,
+    top_k: Optional[int] = None,
     backend_name: Optional[str] = None,
 ) -> RowSample:
     """Run the kernel over `logits` [..., V] (float32, bfloat16 or float16;
@@ -82,11 +85,14 @@ def row_sample(
     Weights are written in `weights_dtype` if given, as exp(z - shift) for a
     shift of cap / temperature (a bound on z known before the read) or the
     row's own maximum where that bound is too far from it; softmax(z) is
-    weights / total either way."""
+    weights / total either way. With `top_k` (1..64), also the k largest
+    entries' ids and probabilities (ties in no particular order)."""
     backend_name = backend_name or backend()
     if logits.dtype not in LOGITS_DTYPES:
         raise ValueError(f"the fused sampler reads float32, bfloat16 or float16 logits, got {logits.dtype}")
     *lead, V = logits.shape
+    if top_k is not None and not 1 <= top_k <= min(MAX_TOP_K, V):
+        raise ValueError(f"the fused sampler's top_k must be in [1, {min(MAX_TOP_K, V)}], got {top_k}")
     rows = math.prod(lead)
     temperature = temperature.astype(mx.float32).reshape(1)
     if softcap is None:
@@ -107,11 +113,14 @@ def row_sample(
             ("LOADS", LOADS[logits.dtype.size]),
             ("SOFTCAP", softcap is not None),
             ("WRITE_WEIGHTS", write),
+            ("TOPK", top_k or 0),
         ],
         grid=(threads * rows, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[*scalars, (rows, V) if write else (1,)],
-        output_dtypes=[mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype],
+        output_shapes=[*scalars, (rows, V) if write else (1,), *[(rows, top_k) if top_k else (1,)] * 2],
+        output_dtypes=[mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype, mx.int32, mx.float32],
     )
     per_row = (out.reshape(lead) for out in outputs[:5])
-    return RowSample(*per_row, outputs[5].reshape(*lead, V) if write else None)
+    weights = outputs[5].reshape(*lead, V) if write else None
+    top = tuple(out.reshape(*lead, top_k) for out in outputs[6:]) if top_k else None
+    return RowSample(*per_row, weights, top)

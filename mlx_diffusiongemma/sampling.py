@@ -127,11 +127,12 @@ class Prediction:
     """What one denoising step reads from the decoder's logits."""
 
     processed: Optional[mx.array]  # logits / temperature [B, C, V] (lazy); None from the fused kernel
-    weights: mx.array  # exp(processed - shift) [B, C, V]: unnormalised probabilities
+    weights: Optional[mx.array]  # exp(processed - shift) [B, C, V]: unnormalised probabilities
     total: mx.array  # their sum [B, C, 1]
     argmax: mx.array  # [B, C] int32
     entropy: mx.array  # [B, C] float32, of softmax(processed)
     draw: mx.array  # [B, C] int32, one categorical draw per position (the denoiser canvas)
+    top_k: Optional[tuple] = None  # from the fused kernel if asked: (ids, probabilities) [B, C, k]
 
 
 def predict(
@@ -139,21 +140,23 @@ def predict(
     temperature: mx.array,
     randomness,
     softcap: Optional[float] = None,
-    weights_dtype: mx.Dtype = mx.float32,
+    weights_dtype: Optional[mx.Dtype] = mx.float32,
     fused: bool = False,
+    top_k: Optional[int] = None,
 ) -> Prediction:
     """The step's prediction. With `softcap` the logits are the raw lm_head
     output, softcapped here first. With `fused` (for a caller that found
     `fused_sampler_ready`, and randomness that is a `Randomness`), one
-    kernel reads the logits once and writes the weights in `weights_dtype`.
+    kernel reads the logits once and writes the weights in `weights_dtype`
+    (None: no weights), and with `top_k` the k most probable ids too.
     Otherwise the MLX path: softmax as the reference computes it
     (exp(x - max) / sum), entropy as logsumexp - E[x] from the same
     exponentials, the draw from their cumulative sums. Both draw with
     `row_uniforms` from the same key, so they draw the same tokens but for
     rounding where a uniform meets a boundary of the cumulative sum."""
     if fused:
-        out = kernels.row_sample(logits, temperature, randomness.step_key(), softcap, weights_dtype)
-        return Prediction(None, out.weights, out.total[..., None], out.argmax, out.entropy, out.draw)
+        out = kernels.row_sample(logits, temperature, randomness.step_key(), softcap, weights_dtype, top_k)
+        return Prediction(None, out.weights, out.total[..., None], out.argmax, out.entropy, out.draw, out.top_k)
     if softcap is not None:
         logits = logit_softcap(softcap, logits.astype(mx.float32))
     weights, total, argmax, entropy = _distribution(logits, temperature)
@@ -179,10 +182,16 @@ def _distribution(logits: mx.array, temperature: mx.array) -> tuple:
     return weights, total, argmax, entropy
 
 
-_fused_checked: dict = {}  # (backend, logits dtype, weights dtype, softcapped, vocab size) -> passed
+_fused_checked: dict = {}  # (backend, logits dtype, weights dtype, softcapped, vocab size, top k) -> passed
 
 
-def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> bool:
+def fused_sampler_ready(
+    dtype: mx.Dtype,
+    weights_dtype: Optional[mx.Dtype],
+    softcap: Optional[float],
+    vocab_size: int,
+    top_k: Optional[int] = None,
+) -> bool:
     """Whether the fused kernel runs here and, the first time in this process
     for these dtypes and row length, agreed with the MLX path on rows of that
     length (-inf entries, one-hot and flat rows, a maximum far below the
@@ -192,10 +201,10 @@ def fused_sampler_ready(dtype: mx.Dtype, weights_dtype: mx.Dtype, softcap: Optio
     backend = kernels.backend()
     if backend is None:
         return False
-    signature = (backend, dtype, weights_dtype, softcap is not None, vocab_size)
+    signature = (backend, dtype, weights_dtype, softcap is not None, vocab_size, top_k)
     if signature not in _fused_checked:
         try:
-            problems = fused_disagreements(*check_input(dtype, softcap, vocab_size), softcap, weights_dtype)
+            problems = fused_disagreements(*check_input(dtype, softcap, vocab_size), softcap, weights_dtype, top_k)
         except Exception as error:  # a compile error, a launch failure
             problems = [f"{type(error).__name__}: {error}"]
         if problems:
@@ -224,12 +233,14 @@ def check_input(dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> t
     return logits.astype(dtype), mx.array(0.6, mx.float32), mx.random.key(1)
 
 
-def fused_disagreements(logits, temperature, key, softcap, weights_dtype) -> list:
+def fused_disagreements(logits, temperature, key, softcap, weights_dtype, top_k=None) -> list:
     """How the fused kernel's outputs on `logits` [R, V] differ from the MLX
     path's beyond rounding (empty if they do not): argmax exactly; entropy,
     logsumexp and probabilities closely; each draw must lie where the MLX
-    path's cumulative weights cross its uniform, give or take rounding."""
-    got = kernels.row_sample(logits, temperature, key, softcap, weights_dtype)
+    path's cumulative weights cross its uniform, give or take rounding; the
+    top k must be k distinct ids holding the k largest values (any of tied
+    ones), with their probabilities."""
+    got = kernels.row_sample(logits, temperature, key, softcap, weights_dtype, top_k)
     capped = logits.astype(mx.float32) if softcap is None else logit_softcap(softcap, logits.astype(mx.float32))
     weights, total, argmax, entropy = _distribution(capped, temperature)
     top = (capped / temperature).max(axis=-1)
@@ -246,6 +257,18 @@ def fused_disagreements(logits, temperature, key, softcap, weights_dtype) -> lis
         got_probs = got.weights.astype(mx.float32) / got.total[..., None]
         if not mx.allclose(got_probs, probs, rtol=rtol, atol=1e-7).item():
             problems.append(f"probabilities (max error {mx.abs(got_probs - probs).max().item():.3g})")
+    if top_k is not None:  # a row with m < k finite entries: those m, then any ids at probability 0
+        ids, top_probs = (np.array(a) for a in got.top_k)
+        z, p = np.array(capped / temperature), np.array(probs)
+        for row in range(z.shape[0]):
+            m = min(top_k, int(np.isfinite(z[row]).sum()))
+            order = np.argsort(-top_probs[row], kind="stable")
+            real, rest = ids[row][order[:m]], order[m:]
+            want = np.sort(z[row])[::-1][:m]
+            if len(set(real.tolist())) != m or not np.allclose(np.sort(z[row, real])[::-1], want, rtol=1e-5):
+                problems.append(f"row {row}'s top {top_k} ids")
+            elif not np.allclose(top_probs[row][order[:m]], p[row, real], rtol=1e-4, atol=1e-9) or top_probs[row][rest].any():
+                problems.append(f"row {row}'s top {top_k} probabilities")
     # in float64: the MLX path's float32 total is itself off by ~1e-5 over 40000 terms
     cdf = np.cumsum(np.array(weights, np.float64), axis=-1)
     cdf /= cdf[:, -1:]

@@ -58,6 +58,17 @@ def test_matches_mlx_path_at_any_row_length(emulated, V):
     assert sampling.fused_disagreements(logits, T, mx.random.key(3), None, mx.float32) == []
 
 
+@pytest.mark.parametrize("V, k", [(14, 3), (40, 40), (4133, 64), (40000, 17)])
+def test_top_k(emulated, V, k):
+    """The k largest, on random rows and the guard's edge rows (a flat row:
+    any k distinct ids; fewer than k finite entries: the rest at probability 0)."""
+    logits = mx.random.normal((4, V), key=mx.random.key(V)) * 3.0
+    assert sampling.fused_disagreements(logits, T, mx.random.key(2), 30.0, None, k) == []
+    assert sampling.fused_disagreements(*sampling.check_input(mx.bfloat16, None, V), None, mx.bfloat16, k) == []
+    with pytest.raises(ValueError, match="top_k must be in"):
+        kernels.row_sample(logits, T, mx.random.key(2), top_k=min(V, 64) + 1)
+
+
 def test_edge_rows_by_their_own_rules(emulated):
     """What the rows must give whatever the MLX path says: a flat row's argmax
     is its first index and its entropy log V; a one-hot row always draws its
@@ -171,11 +182,16 @@ def test_generation_takes_the_kernel_and_can_be_told_not_to(emulated, monkeypatc
 
 @pytest.mark.parametrize(
     "options",
-    [{"self_conditioning": "top-k", "self_conditioning_k": 3}, {"acceptance": "confidence", "min_confidence": 0.5}],
+    [
+        {"self_conditioning": "top-k", "self_conditioning_k": 3},
+        {"self_conditioning": "top-k", "self_conditioning_k": 3, "acceptance": "confidence", "min_confidence": 0.5},
+        {"acceptance": "confidence", "min_confidence": 0.5},
+    ],
 )
-def test_other_sampler_options_read_the_kernels_weights(emulated, options):
-    """Top-k self-conditioning and confidence acceptance read the kernel's
-    weights as they read the MLX path's: the same answers from the same seeds."""
+def test_other_sampler_options_with_the_kernel(emulated, options):
+    """Top-k self-conditioning (the kernel's own top k) and confidence
+    acceptance (the kernel's weights) give the MLX path's answers from the
+    same seeds."""
     model, tokenizer = load("demo")
     for seed in range(3):
         fused = diffusion_generate(model, tokenizer, "93170", seed=seed, max_tokens=12, **options)
@@ -220,13 +236,17 @@ def test_emulation_runs_the_text_mlx_would_compile():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.parametrize(
-    "dtype, weights_dtype, softcap",
-    [(mx.bfloat16, mx.bfloat16, True), (mx.float16, mx.float32, False)],
+    "dtype, weights_dtype, softcap, top_k",
+    [(mx.bfloat16, mx.bfloat16, True, 0), (mx.float16, mx.float32, False, 64)],
 )
-def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap):
+def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap, top_k):
     header, body = kernels.source("cuda")
-    outputs = list(zip(kernels.OUTPUTS, [mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype]))
-    template = [("T", dtype), ("W", weights_dtype), ("V", 262144), ("LOADS", 16), ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True)]
+    dtypes = [mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, weights_dtype, mx.int32, mx.float32]
+    outputs = list(zip(kernels.OUTPUTS, dtypes, strict=True))
+    template = [
+        ("T", dtype), ("W", weights_dtype), ("V", 262144), ("LOADS", kernels.LOADS[dtype.size]),
+        ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True), ("TOPK", top_k),
+    ]
     source = cuda_source("row_sampler", header, body, [("logits", dtype), ("params", mx.float32), ("key", mx.uint32)], outputs, template)
     result = nvcc_compile(source, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
