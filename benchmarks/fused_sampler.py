@@ -24,7 +24,11 @@ Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
     no weights, against the MLX path's top_k_indices over its weights);
   - copy: x + 0 over the logits (a read and a write), whose bytes per second
     give one read's floor: bytes(logits) / copy bandwidth;
-  - stats only again with 4, 8, 16 and 32 entries loaded per lane at once.
+  - entropy-bound acceptance, renoise and stopping over the 256 positions in
+    MLX ops (what a second small kernel could replace);
+  - copy and stats only again, 8 launches per evaluation (per-evaluation costs
+    shared by 8);
+  - stats only again with 4 and 8 entries loaded per lane at once.
 """
 
 import argparse
@@ -130,8 +134,18 @@ def timing(report: dict, repeats: int) -> None:
             p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, None, True, 64)
             return p.argmax, p.draw, p.entropy, *p.top_k
 
+        prediction = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, mx.bfloat16, True)
+        mx.eval(prediction.draw, prediction.entropy, prediction.argmax)
+        canvas = mx.zeros((1, ROWS), mx.int32)
+
+        def acceptance_and_renoise():  # in MLX ops: is a second kernel worth it?
+            accepted, kept = sampling.EntropyBoundAcceptance(0.1)(canvas, prediction)
+            done = sampling.StableAndConfidentStopping(1, 0.005)(prediction.argmax, prediction.entropy)
+            return sampling.renoise(accepted, kept, sampling.Randomness(0).uniform_ids((1, ROWS), VOCAB)), done
+
         mlx = timed(mlx_path, repeats)
         fused = timed(fused_path, repeats)
+        acceptance = timed(acceptance_and_renoise, repeats)
         mlx_k, fused_k = timed(mlx_top_k, repeats), timed(fused_top_k, repeats)
         row = {
             "logits MB": nbytes / 1e6,
@@ -146,10 +160,22 @@ def timing(report: dict, repeats: int) -> None:
             "MLX path step ms": mlx * 1e3,
             "fused path step ms": fused * 1e3,
             "MLX path / fused path": mlx / fused,
+            "acceptance, renoise, stopping (MLX ops) ms": acceptance * 1e3,
             "top-64 step, MLX path ms": mlx_k * 1e3,
             "top-64 step, fused path ms": fused_k * 1e3,
             "top-64 MLX path / fused path": mlx_k / fused_k,
         }
+        # the same, 8 launches on 8 copies of the logits in one evaluation: what
+        # each evaluation costs besides the kernels (graph building, the small
+        # parameter arrays) is then shared by 8
+        copies = [raw + i for i in range(8)]
+        mx.eval(copies)
+        amortized_copy = timed(lambda: [c + 0 for c in copies], repeats) / 8
+        amortized_stats = timed(lambda: [kernels.row_sample(c, temperature, key, CAP)[:5] for c in copies], repeats) / 8
+        row["copy, 8 per evaluation, ms each"] = amortized_copy * 1e3
+        row["fused stats only, 8 per evaluation, ms each"] = amortized_stats * 1e3
+        row["the same / one read at that copy's bandwidth"] = amortized_stats / (amortized_copy / 2)
+        del copies
         for loads in (4, 8):  # entries per lane per round (kernels.LOADS); 16 exceeds the registers at 1024 threads
             default, kernels.LOADS = kernels.LOADS, {dtype.size: loads}
             try:
