@@ -24,10 +24,8 @@ DEVICE_FN float tanh_from_exp(float y) {
 // z = logits / temperature (after the softcap cap * tanh(x / cap) when x is
 // the raw lm_head output), with the divisions folded into two precomputed
 // factors: within a few float32 ulps of the MLX path's z.
-template <typename U>
-DEVICE_FN float processed_logit(U x, bool softcap, float inv_cap, float scale) {
-  const float y = float(x);
-  return softcap ? tanh_from_exp(y * inv_cap) * scale : y * scale;
+DEVICE_FN float processed_logit(float x, bool softcap, float inv_cap, float scale) {
+  return softcap ? tanh_from_exp(x * inv_cap) * scale : x * scale;
 }
 
 // Commutative to the bit (a + b == b + a, max and the tie rule are
