@@ -175,7 +175,7 @@ def timing(report: dict, repeats: int) -> None:
         row["copy, 8 per evaluation, ms each"] = amortized_copy * 1e3
         row["fused stats only, 8 per evaluation, ms each"] = amortized_stats * 1e3
         row["the same / one read at that copy's bandwidth"] = amortized_stats / (amortized_copy / 2)
-        del copies
+        copies.clear()
         for loads in (4, 8):  # entries per lane per round (kernels.LOADS); 16 exceeds the registers at 1024 threads
             default, kernels.LOADS = kernels.LOADS, {dtype.size: loads}
             try:

@@ -23,7 +23,8 @@ PRELUDES = {"metal": "metal_prelude.h", "cuda": "cuda_prelude.h"}
 LOGITS_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 MAX_SIMD_GROUPS = 32  # 1024 threads, the most both backends run in one group
 MAX_TOP_K = 64  # two list slots per lane
-# entries a lane loads at once, by the logits' bytes per entry: 32 bytes in flight per lane
+# entries a lane loads at once, by the logits' bytes per entry (benchmarks/fused_sampler.py:
+# 4 and 8 time alike on an H100; 16 needs more registers than a 1024-thread group has there)
 LOADS = {2: 8, 4: 8}
 
 
@@ -77,7 +78,6 @@ def row_sample(
     softcap: Optional[float] = None,
     weights_dtype: Optional[mx.Dtype] = None,
     top_k: Optional[int] = None,
-    backend_name: Optional[str] = None,
 ) -> RowSample:
     """Run the kernel over `logits` [..., V] (float32, bfloat16 or float16;
     with `softcap`, the raw lm_head output, softcapped inside). `key` [2]
@@ -87,7 +87,9 @@ def row_sample(
     row's own maximum where that bound is too far from it; softmax(z) is
     weights / total either way. With `top_k` (1..64), also the k largest
     entries' ids and probabilities (ties in no particular order)."""
-    backend_name = backend_name or backend()
+    backend_name = backend()
+    if backend_name is None:
+        raise RuntimeError("the fused sampler kernel runs where mlx's default device is a GPU (Metal or CUDA)")
     if logits.dtype not in LOGITS_DTYPES:
         raise ValueError(f"the fused sampler reads float32, bfloat16 or float16 logits, got {logits.dtype}")
     *lead, V = logits.shape

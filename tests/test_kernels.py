@@ -217,6 +217,8 @@ def test_cpu_takes_the_mlx_path(monkeypatch):
         mx.set_default_device(mx.cpu)
         assert kernels.backend() is None
         assert not sampling.fused_sampler_ready(mx.float32, mx.float32, 30.0, 14)
+        with pytest.raises(RuntimeError, match="default device is a GPU"):
+            kernels.row_sample(mx.zeros((1, 14)), T, mx.random.key(0))
     assert not sampling._fused_checked  # nothing was tried
 
 
