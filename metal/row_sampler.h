@@ -28,13 +28,16 @@ DEVICE_FN float processed_logit(float x, bool softcap, float inv_cap, float scal
   return softcap ? tanh_from_exp(x * inv_cap) * scale : x * scale;
 }
 
+// exp(z - top), exactly 0 for a -inf z (whatever the other is).
+DEVICE_FN float weight_of(float z, float top) { return z == NEG_INF ? 0.0f : fexp(z - top); }
+
 // Commutative to the bit (a + b == b + a, max and the tie rule are
 // symmetric), so an xor butterfly leaves every lane the same result.
 DEVICE_FN RowStats merge_stats(RowStats a, RowStats b) {
   RowStats out;
   out.m = a.m > b.m ? a.m : b.m;
-  const float ra = a.m == NEG_INF ? 0.0f : fexp(a.m - out.m);
-  const float rb = b.m == NEG_INF ? 0.0f : fexp(b.m - out.m);
+  const float ra = weight_of(a.m, out.m);
+  const float rb = weight_of(b.m, out.m);
   out.s = a.s * ra + b.s * rb;
   const float ta = a.m == NEG_INF ? 0.0f : ra * (a.t + (a.m - out.m) * a.s);
   const float tb = b.m == NEG_INF ? 0.0f : rb * (b.t + (b.m - out.m) * b.s);

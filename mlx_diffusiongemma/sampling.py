@@ -65,7 +65,7 @@ class Randomness:
         its cumulative sum with one uniform per position (`row_uniforms`, which
         the fused kernel draws too), where a Gumbel-max draw would take a
         logarithm of a logarithm of V uniforms."""
-        *lead, V = weights.shape
+        lead = weights.shape[:-1]
         u = row_uniforms(self.step_key(), math.prod(lead)).reshape(*lead, 1)
         return inverse_cdf(weights, u)
 

@@ -89,7 +89,7 @@ class metal_kernel:
             space = "constant" if a.size < 8 else "device"
             ref = "&" if a.ndim == 0 else "*"
             params.append(f"  const {space} {TYPES[a.dtype][0]}{ref} {name} [[buffer({i})]]")
-            for suffix, ctype in (("_shape", "const constant int*"), ("_strides", "const constant int64_t*"), ("_ndim", "const constant int&")):
+            for suffix in ("_shape", "_strides", "_ndim"):
                 if a.ndim > 0 and name + suffix in self.source:
                     raise NotImplementedError(f"{name}{suffix}: the emulation passes no shapes")
         for j, (name, dtype) in enumerate(zip(self.outputs, output_dtypes)):
