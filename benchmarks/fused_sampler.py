@@ -14,6 +14,11 @@ for every logits dtype x softcap x weights dtype on the guard's edge rows
 and top 64 on full-size rows; a chi-square of 20000 draws per row against
 softmax(z) on a few rows of 64 tokens.
 
+Kernel times alone, under Nsight Compute (CUDA):
+
+    ncu --profile-from-start off --metrics gpu__time_duration.sum,dram__bytes_read.sum \
+        python benchmarks/fused_sampler.py --profile stats --dtype bfloat16 --repeats 4
+
 Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
   - fused, stats only: argmax, draw, entropy, logsumexp (one read);
   - fused + weights: as generation runs it, raw bfloat16 lm_head output in,
@@ -28,7 +33,7 @@ Timing (mean of --repeats evaluations after warm-up, mx.synchronize around):
     MLX ops (what a second small kernel could replace);
   - copy and stats only again, 8 launches per evaluation (per-evaluation costs
     shared by 8);
-  - stats only again with 4 and 8 entries loaded per lane at once.
+  - stats only again with 4, 8 and 16 entries loaded per lane at once.
 """
 
 import argparse
@@ -103,6 +108,39 @@ def check(report: dict) -> bool:
     return ok
 
 
+def computations(raw: mx.array) -> dict:
+    """What is timed, by name: each a function returning the arrays to evaluate."""
+    temperature = mx.array(0.6, mx.float32)
+    key = mx.random.key(1)
+
+    def mlx_path():
+        p = sampling.predict(raw, temperature, sampling.Randomness(0), softcap=CAP)
+        return p.argmax, p.draw, p.entropy, p.weights, p.processed.astype(mx.bfloat16)
+
+    def fused_path():
+        p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, mx.bfloat16, fused=True)
+        return p.argmax, p.draw, p.entropy, p.weights, p.total
+
+    def mlx_top_k():  # the MLX path with top-64 self-conditioning
+        p = sampling.predict(raw, temperature, sampling.Randomness(0), softcap=CAP)
+        ids = sampling.top_k_indices(p.weights, 64)
+        return p.argmax, p.draw, p.entropy, ids, mx.take_along_axis(p.weights, ids, axis=-1) / p.total
+
+    def fused_top_k():
+        p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, None, True, 64)
+        return p.argmax, p.draw, p.entropy, *p.top_k
+
+    return {
+        "copy": lambda: raw + 0,
+        "stats": lambda: kernels.row_sample(raw, temperature, key, CAP)[:5],
+        "weights": lambda: kernels.row_sample(raw, temperature, key, CAP, mx.bfloat16),
+        "mlx": mlx_path,
+        "fused": fused_path,
+        "mlx-top64": mlx_top_k,
+        "fused-top64": fused_top_k,
+    }
+
+
 def timing(report: dict, repeats: int) -> None:
     temperature = mx.array(0.6, mx.float32)
     key = mx.random.key(1)
@@ -110,30 +148,12 @@ def timing(report: dict, repeats: int) -> None:
         raw = realistic_logits(dtype, mx.random.key(2))
         mx.eval(raw)
         nbytes = raw.nbytes
-        copy = timed(lambda: raw + 0, repeats)
+        step = computations(raw)
+        copy = timed(step["copy"], repeats)
         bandwidth = 2 * nbytes / copy
         one_read = nbytes / bandwidth
-        stats_only = timed(lambda: kernels.row_sample(raw, temperature, key, CAP)[:5], repeats)
-        with_weights = timed(lambda: kernels.row_sample(raw, temperature, key, CAP, mx.bfloat16), repeats)
-
-        def mlx_path():
-            randomness = sampling.Randomness(0)
-            p = sampling.predict(raw, temperature, randomness, softcap=CAP)
-            return p.argmax, p.draw, p.entropy, p.weights, p.processed.astype(mx.bfloat16)
-
-        def fused_path():
-            p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, mx.bfloat16, fused=True)
-            return p.argmax, p.draw, p.entropy, p.weights, p.total
-
-        def mlx_top_k():  # the MLX path with top-64 self-conditioning
-            p = sampling.predict(raw, temperature, sampling.Randomness(0), softcap=CAP)
-            ids = sampling.top_k_indices(p.weights, 64)
-            return p.argmax, p.draw, p.entropy, ids, mx.take_along_axis(p.weights, ids, axis=-1) / p.total
-
-        def fused_top_k():
-            p = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, None, True, 64)
-            return p.argmax, p.draw, p.entropy, *p.top_k
-
+        stats_only = timed(step["stats"], repeats)
+        with_weights = timed(step["weights"], repeats)
         prediction = sampling.predict(raw, temperature, sampling.Randomness(0), CAP, mx.bfloat16, True)
         mx.eval(prediction.draw, prediction.entropy, prediction.argmax)
         canvas = mx.zeros((1, ROWS), mx.int32)
@@ -143,10 +163,9 @@ def timing(report: dict, repeats: int) -> None:
             done = sampling.StableAndConfidentStopping(1, 0.005)(prediction.argmax, prediction.entropy)
             return sampling.renoise(accepted, kept, sampling.Randomness(0).uniform_ids((1, ROWS), VOCAB)), done
 
-        mlx = timed(mlx_path, repeats)
-        fused = timed(fused_path, repeats)
+        mlx, fused = timed(step["mlx"], repeats), timed(step["fused"], repeats)
         acceptance = timed(acceptance_and_renoise, repeats)
-        mlx_k, fused_k = timed(mlx_top_k, repeats), timed(fused_top_k, repeats)
+        mlx_k, fused_k = timed(step["mlx-top64"], repeats), timed(step["fused-top64"], repeats)
         row = {
             "logits MB": nbytes / 1e6,
             "copy ms": copy * 1e3,
@@ -176,10 +195,12 @@ def timing(report: dict, repeats: int) -> None:
         row["fused stats only, 8 per evaluation, ms each"] = amortized_stats * 1e3
         row["the same / one read at that copy's bandwidth"] = amortized_stats / (amortized_copy / 2)
         copies.clear()
-        for loads in (4, 8):  # entries per lane per round (kernels.LOADS); 16 exceeds the registers at 1024 threads
+        for loads in (4, 8, 16):  # entries per lane per round (kernels.LOADS)
             default, kernels.LOADS = kernels.LOADS, {dtype.size: loads}
             try:
                 row[f"fused stats only, LOADS {loads} ms"] = timed(lambda: kernels.row_sample(raw, temperature, key, CAP)[:5], repeats) * 1e3
+            except (RuntimeError, ValueError) as error:  # a launch over the registers a group may have
+                print(f"LOADS {loads}: {error}")
             finally:
                 kernels.LOADS = default
         report[f"timing {dtype}"] = row
@@ -188,15 +209,43 @@ def timing(report: dict, repeats: int) -> None:
             print(f"  {k:34s} {v:10.3f}")
 
 
+def profile(name: str, dtype: mx.Dtype, repeats: int) -> None:
+    """Evaluate one computation `repeats` times between cuProfilerStart and
+    cuProfilerStop (CUDA only), for a profiler started with its collection
+    off: the kernels' own times, without what each evaluation costs besides."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    raw = realistic_logits(dtype, mx.random.key(2))
+    compute = computations(raw)[name]
+    mx.eval(compute())  # compile and warm up outside the profile
+    mx.synchronize()
+    cuda.cuProfilerStart()
+    for _ in range(repeats):
+        mx.eval(compute())
+        mx.synchronize()
+    cuda.cuProfilerStop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="only evaluate one computation (copy, stats, weights, mlx, fused, mlx-top64, fused-top64) --repeats times, "
+        "for ncu --profile-from-start off",
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="the logits' dtype with --profile")
     args = parser.parse_args()
     backend = kernels.backend()
     if backend is None:
         print("mlx's default device is not a GPU: the fused kernel does not run here", file=sys.stderr)
         return 2
+    if args.profile:
+        profile(args.profile, getattr(mx, args.dtype), args.repeats)
+        return 0
     print(f"backend: {backend}, mlx {mx.__version__}, LOADS {kernels.LOADS}")
     report = {"backend": backend, "mlx": mx.__version__}
     ok = check(report)

@@ -15,9 +15,11 @@ typedef unsigned int uint;
 #define threadgroup_position_in_grid blockIdx
 #define threads_per_threadgroup blockDim
 
-// The exponential per logit is the fast one (ex2.approx, a few ulps for the
-// sampler's arguments); the logarithms, a few per row, are precise.
+// The exponential and division per logit are the fast ones (ex2.approx and
+// rcp.approx, a few ulps for the sampler's arguments; 0 for a divisor past
+// 2^126, as tanh needs); the logarithms, a few per row, are precise.
 DEVICE_FN float fexp(float x) { return __expf(x); }
+DEVICE_FN float fdiv(float x, float y) { return __fdividef(x, y); }
 DEVICE_FN float flog(float x) { return logf(x); }
 
 template <typename U> DEVICE_FN U simd_shuffle(U x, uint lane) { return __shfl_sync(0xffffffffu, x, lane); }

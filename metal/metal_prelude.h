@@ -4,7 +4,8 @@
 #define DEVICE_FN inline
 #define NEG_INF (-INFINITY)
 #define POS_INF INFINITY
-// The exponential per logit is the fast one (a few ulps); the logarithms, a
-// few per row, are precise.
+// The exponential and division per logit are the fast ones (a few ulps); the
+// logarithms, a few per row, are precise.
 DEVICE_FN float fexp(float x) { return metal::fast::exp(x); }
+DEVICE_FN float fdiv(float x, float y) { return metal::fast::divide(x, y); }
 DEVICE_FN float flog(float x) { return metal::precise::log(x); }

@@ -23,8 +23,9 @@ PRELUDES = {"metal": "metal_prelude.h", "cuda": "cuda_prelude.h"}
 LOGITS_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 MAX_SIMD_GROUPS = 32  # 1024 threads, the most both backends run in one group
 MAX_TOP_K = 64  # two list slots per lane
-# entries a lane loads at once, by the logits' bytes per entry (benchmarks/fused_sampler.py:
-# 4 and 8 time alike on an H100; 16 needs more registers than a 1024-thread group has there)
+# entries a lane loads at once, by the logits' bytes per entry: 8 keeps 16-32 KB in flight per
+# multiprocessor, about an H100's bandwidth times its memory latency. 16 failed to launch there
+# (registers) in a build that needed 58 per thread; benchmarks/fused_sampler.py times 4, 8 and 16.
 LOADS = {2: 8, 4: 8}
 
 

@@ -1,6 +1,6 @@
 """The fused kernel's CUDA source as mx.fast.cuda_kernel writes it (its
 `build_kernel` in mlx/backend/cuda/custom_kernel.cpp, mlx 0.32), compiled here
-with nvcc for sm_90. mlx's own default header (its device utils.cuh) is not
+with nvcc for sm_90 (or to PTX, to read what the compiler made of it). mlx's own default header (its device utils.cuh) is not
 on this machine; the CUDA headers it includes stand in for it. What this
 cannot check: running it (see benchmarks/fused_sampler.py on a GPU).
 """
@@ -39,8 +39,10 @@ def cuda_source(name, header, body, inputs, outputs, template) -> str:
     )
 
 
-def nvcc_compile(source: str, directory: Path) -> subprocess.CompletedProcess:
+def nvcc_compile(source: str, directory: Path, ptx: bool = False) -> subprocess.CompletedProcess:
+    """An object file, or with `ptx` the PTX text (directory / "kernel.ptx")."""
     unit = directory / "kernel.cu"
     unit.write_text(source)
-    command = ["nvcc", "-arch=sm_90", "-std=c++17", "-c", str(unit), "-o", str(directory / "kernel.o")]
+    kind, output = ("-ptx", "kernel.ptx") if ptx else ("-c", "kernel.o")
+    command = ["nvcc", "-arch=sm_90", "-std=c++17", kind, str(unit), "-o", str(directory / output)]
     return subprocess.run(command, capture_output=True, text=True)

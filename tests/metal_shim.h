@@ -56,6 +56,7 @@ inline float log(float x) { return std::log(x); }
 }  // namespace precise
 namespace fast {  // as precise here: the shim does not model Metal's approximations
 inline float exp(float x) { return std::exp(x); }
+inline float divide(float x, float y) { return x / y; }
 }  // namespace fast
 }  // namespace metal
 using namespace metal;

@@ -254,6 +254,30 @@ def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap, 
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+def test_cuda_chunk_loads_are_in_flight_together(tmp_path):
+    """A full chunk's LOADS loads are issued back to back, before the first is
+    used. A load under its own bounds check waits for the one before it: one
+    load in flight per lane held an H100 to a sixth of its bandwidth."""
+    header, body = kernels.source("cuda")
+    dtypes = [mx.int32, mx.int32, mx.float32, mx.float32, mx.float32, mx.bfloat16, mx.int32, mx.float32]
+    loads = kernels.LOADS[2]
+    template = [
+        ("T", mx.bfloat16), ("W", mx.bfloat16), ("V", 262144), ("LOADS", loads),
+        ("SOFTCAP", True), ("WRITE_WEIGHTS", False), ("TOPK", 0),
+    ]
+    inputs = [("logits", mx.bfloat16), ("params", mx.float32), ("key", mx.uint32)]
+    source = cuda_source("row_sampler", header, body, inputs, list(zip(kernels.OUTPUTS, dtypes, strict=True)), template)
+    result = nvcc_compile(source, tmp_path, ptx=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    instructions = [line.split()[0] for line in (tmp_path / "kernel.ptx").read_text().splitlines() if line.strip() and not line.strip().startswith("//")]
+    longest = run = 0
+    for op in instructions:
+        run = run + 1 if op == "ld.global.u16" else 0
+        longest = max(longest, run)
+    assert longest >= loads, f"at most {longest} logits loads in a row, expected {loads}"
+
+
 def _run(*command, **kwargs) -> str:
     result = subprocess.run(command, capture_output=True, text=True, **kwargs)
     assert result.returncode == 0, result.stderr[-3000:]
