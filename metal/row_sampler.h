@@ -71,10 +71,10 @@ DEVICE_FN uint hash32(uint x) {
   return x;
 }
 
-// One uniform in (0, 1] per row and step key: counter-based, so nothing
-// V-sized is drawn and the key reproduces it.
-DEVICE_FN float row_uniform(uint key0, uint key1, uint row) {
-  const uint bits = hash32(hash32(row ^ key0) + key1);
+// One uniform in (0, 1] per position and step key: counter-based, so
+// nothing V-sized is drawn and the key reproduces it.
+DEVICE_FN float row_uniform(uint key0, uint key1, uint position) {
+  const uint bits = hash32(hash32(position ^ key0) + key1);
   return float((bits >> 8) + 1u) * 5.9604644775390625e-8f;  // 2^-24
 }
 

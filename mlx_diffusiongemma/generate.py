@@ -5,6 +5,7 @@ The default is transformers' `DiffusionGemmaGenerationMixin.generate`, step for
 step and draw for draw; faster paths must never change what it produces.
 """
 
+import copy
 import math
 import sys
 import time
@@ -13,7 +14,9 @@ from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 from mlx_lm.generate import generation_stream, wired_limit
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache
 
 from .chat import render_prompt, split_thinking
 from .kernels import MAX_TOP_K
@@ -152,6 +155,7 @@ class Draft:
     kept: mx.array = field(repr=False)  # positions the acceptance kept in this step
     entropy: mx.array = field(repr=False)  # mean entropy of the step's prediction
     tokenizer: object = field(default=None, repr=False)
+    row: int = 0  # the prompt's index in a batch
 
     @property
     def tokens(self) -> list:
@@ -177,6 +181,7 @@ class Commit:
     canvas: int
     tokens: list
     text: str  # the new text segment (streaming detokenizer)
+    row: int = 0  # the prompt's index in a batch
 
 
 @dataclass
@@ -196,7 +201,8 @@ class DiffusionResponse:
     canvases: int
     denoising_steps: int
     tokens_per_forward: float  # the reference's definition: non-pad tokens of whole canvases / decoder passes
-    wall_time: float  # seconds
+    wall_time: float  # seconds, from the start of the call to this row's end
+    row: int = 0  # the prompt's index in a batch
 
 
 def _token_ids(ids, vocab_size: int, what: str) -> mx.array:
@@ -213,9 +219,14 @@ def _token_ids(ids, vocab_size: int, what: str) -> mx.array:
 
 
 def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acceptance, stopping):
-    """The reference's denoising loop for one canvas, steps N..1: yields the
-    argmax canvas, the count of positions kept and the mean entropy after each
-    step (mlx arrays); the last argmax is the canvas to commit."""
+    """The reference's denoising loop over a batch of canvases [B, C] (one
+    per row of `cache` and `randomness`), steps N..1. After each step it
+    yields the rows it took (indices into the batch), their argmax canvases
+    [b, C], counts of kept positions [b] and mean entropies [b] (mlx arrays);
+    a row's last argmax is its canvas to commit. A row whose canvas has
+    stopped sits the remaining steps out, as the reference freezes it
+    (`finished_denoising`), and is dropped from the batch rather than
+    computed and thrown away."""
     C, V, N = model.args.canvas_length, model.args.vocab_size, opts.max_denoising_steps
     top_k = opts.self_conditioning_k if opts.self_conditioning == "top-k" else None
     # the fused kernel reads the raw lm_head output (softcapped inside) and
@@ -233,6 +244,7 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
         and isinstance(randomness, Randomness)
         and fused_sampler_ready(model.dtype, weights_dtype, softcap, V, kernel_top_k)
     )
+    rows = list(range(canvas.shape[0]))
     self_conditioning = {}
     acceptance.reset()
     stopping.reset()
@@ -240,20 +252,38 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
         with mx.stream(generation_stream):
             logits = model.decode(canvas, cache, raw_logits=fused, **self_conditioning)
             temperature = linear_temperature(cur_step, N, opts.t_min, opts.t_max)
+            draws = randomness.select(rows)
             if fused:
-                prediction = predict(logits, temperature, randomness, softcap, weights_dtype, True, kernel_top_k)
+                prediction = predict(logits, temperature, draws, softcap, weights_dtype, True, kernel_top_k)
             else:
-                prediction = predict(logits, temperature, randomness)
+                prediction = predict(logits, temperature, draws)
             accepted, kept = acceptance(canvas, prediction)
-            canvas = renoise(accepted, kept, randomness.uniform_ids((1, C), V))
+            canvas = renoise(accepted, kept, draws.uniform_ids((len(rows), C), V))
             done = stopping(prediction.argmax, prediction.entropy)
             self_conditioning = _self_conditioning(prediction, model.dtype, top_k)
-            argmax, kept_count, mean_entropy = prediction.argmax, kept.sum(), prediction.entropy.mean()
+            argmax, kept_count, mean_entropy = prediction.argmax, kept.sum(-1), prediction.entropy.mean(-1)
             del logits, prediction  # vocabulary-sized: keep only what the next step reads
-            mx.async_eval(canvas, argmax, self_conditioning, kept_count, mean_entropy)
-        yield argmax, kept_count, mean_entropy
-        if done.item():  # the step's one host synchronisation
+            mx.async_eval(canvas, argmax, self_conditioning, kept_count, mean_entropy, done)
+        yield rows, argmax, kept_count, mean_entropy
+        done = done.tolist()  # the step's one host synchronisation
+        if all(done):
             return
+        if any(done):
+            going = [i for i, stopped in enumerate(done) if not stopped]
+            rows = [rows[i] for i in going]
+            index = mx.array(going)
+            canvas = canvas[index]
+            self_conditioning = tree_map(lambda x: x[index], self_conditioning)
+            acceptance.keep(index)
+            stopping.keep(index)
+            cache = [_keep_rows(c, index) for c in cache[: len(model.layers)]]
+
+
+def _keep_rows(cache, index: mx.array):
+    """A batch cache of these rows only (a copy: the batch's own keeps every row)."""
+    kept = copy.copy(cache)
+    kept.filter(index)
+    return kept
 
 
 def _self_conditioning(prediction, dtype: mx.Dtype, top_k: Optional[int] = None) -> dict:
@@ -283,7 +313,7 @@ def _self_conditioning(prediction, dtype: mx.Dtype, top_k: Optional[int] = None)
 def stream_diffusion_generate(
     model,
     tokenizer,
-    prompt: Union[str, list, np.ndarray, mx.array],
+    prompt,
     *,
     system_prompt: Optional[str] = None,
     enable_thinking: bool = False,
@@ -297,114 +327,196 @@ def stream_diffusion_generate(
     `Commit` per canvas and finally the `DiffusionResponse`.
 
     `prompt` is a string (rendered with the chat template unless
-    `use_chat_template=False`) or token ids. `options` are `DiffusionOptions`
-    fields. `decoder_input_ids` replaces the first canvas's random start.
+    `use_chat_template=False`) or token ids, or a list of those: a batch,
+    denoised together, one canvas per prompt; every event then names its
+    prompt (`row`), and each prompt ends with its own `DiffusionResponse`
+    when it stops (eos, `max_tokens`, the model's context). Each prompt
+    generates what it generates alone with the same draws: with `seed`,
+    prompt r draws as a prompt alone does with `seed + r`. `options` are
+    `DiffusionOptions` fields. `decoder_input_ids` replaces the first
+    canvas's random start ([C], or [B, C] for a batch).
     """
     args = model.args
     opts = DiffusionOptions.resolve(model, tokenizer, options)
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
-        prompt = render_prompt(tokenizer, prompt, system_prompt, enable_thinking, use_chat_template)
-    prompt = _token_ids(prompt, args.vocab_size, "prompt")
-    C, V = args.canvas_length, args.vocab_size
-    room = (args.max_position_embeddings - prompt.size) // C
-    if room < 1:
-        raise ValueError(
-            f"the prompt has {prompt.size} tokens; with a canvas of {C} it does not fit the model's "
-            f"context of {args.max_position_embeddings} tokens"
-        )
-    first_canvas = None
-    if decoder_input_ids is not None:
-        first_canvas = _token_ids(decoder_input_ids, V, "decoder_input_ids")
-        if first_canvas.size != C:
-            raise ValueError(
-                f"decoder_input_ids must hold exactly canvas_length={C} ids (one whole canvas), got {first_canvas.size}"
-            )
+    batch = _is_batch(prompt)
+    prompts = [
+        _prompt_ids(p, tokenizer, args, f"prompt {i}" if batch else "prompt", system_prompt, enable_thinking, use_chat_template)
+        for i, p in enumerate(prompt if batch else [prompt])
+    ]
+    B, C, V = len(prompts), args.canvas_length, args.vocab_size
+    first_canvas = None if decoder_input_ids is None else _first_canvas(decoder_input_ids, B, C, V)
     if randomness is not None and seed is not None:
         raise ValueError("pass either seed or randomness, not both")
-    randomness = randomness or Randomness(seed)
+    randomness = randomness or Randomness(seed, rows=B)
     acceptance = opts.make_acceptance()
     stopping = StableAndConfidentStopping(opts.stability_threshold, opts.confidence_threshold)
-    detokenizer = None if tokenizer is None else tokenizer.detokenizer
+    canvases = [min(math.ceil(opts.max_tokens / C), (args.max_position_embeddings - p.size) // C) for p in prompts]
+    rows = [_Row(p.size, n, None if tokenizer is None else tokenizer.detokenizer) for p, n in zip(prompts, canvases)]
 
     # as mlx-lm's generate: weights wired on Metal, compute on its generation stream
     with wired_limit(model, [generation_stream]):
         start = time.perf_counter()
-        cache = model.make_cache()
-        # Prefill as mlx-lm's generate_step does: chunks of 2048, then the last token
-        # alone. mlx_lm.generate driving our model then builds a bit-identical cache,
-        # and so (same seed) the same text.
-        with mx.stream(generation_stream):
-            if prompt.size > 1:
-                model.encode(prompt[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
-            model.encode(prompt[-1:], cache)
-        prompt_time = time.perf_counter() - start
+        caches = []
+        for row, ids in zip(rows, prompts):
+            begin = time.perf_counter()
+            cache = model.make_cache()
+            # Prefill as mlx-lm's generate_step does: chunks of 2048, then the last token
+            # alone. mlx_lm.generate driving our model then builds a bit-identical cache,
+            # and so (same seed) the same text.
+            with mx.stream(generation_stream):
+                if ids.size > 1:
+                    model.encode(ids[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
+                model.encode(ids[-1:], cache)
+            caches.append(cache)
+            row.prompt_time = time.perf_counter() - begin
+        cache = caches[0] if B == 1 else _batch_caches(caches, len(model.layers))
+        del caches
+        prompt_end = time.perf_counter()
 
-        sequence, tokens, passes, finish_reason = [], [], 0, "length"
-        canvases = min(math.ceil(opts.max_tokens / C), room)
-        for index in range(canvases):
+        going = list(range(B))  # rows still generating, in the batch's order
+        for index in range(max(canvases)):
             # drawn even when the caller gives a canvas, as the reference does
-            canvas = randomness.uniform_ids((1, C), V)
+            canvas = randomness.select(going).uniform_ids((len(going), C), V)
             if index == 0 and first_canvas is not None:
-                canvas = first_canvas[None]
-            steps = denoise_canvas(model, cache, canvas, opts, randomness, acceptance, stopping)
-            for step, (argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
-                passes += 1
-                draft = Draft(index, step, argmax[0], kept_count, mean_entropy, tokenizer)
-                yield draft
+                canvas = first_canvas
+            last = {}
+            steps = denoise_canvas(model, cache, canvas, opts, randomness.select(going), acceptance, stopping)
+            for step, (stepped, argmax, kept_count, mean_entropy) in enumerate(steps, start=1):
+                for i, position in enumerate(stepped):
+                    r = going[position]
+                    rows[r].passes += 1
+                    last[position] = argmax[i]
+                    yield Draft(index, step, argmax[i], kept_count[i], mean_entropy[i], tokenizer, r)
 
-            committed = draft.tokens  # a fresh list: the reference's padding must not reach the event
-            eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
-            room_left = opts.max_tokens - len(tokens)
-            new = committed[: min(room_left, C if eos is None else eos)]
-            if eos is not None:
-                finish_reason = "stop" if eos < room_left else "length"
-                if opts.pad_token_id is not None:  # the reference pads what follows the first eos
-                    committed[eos + 1 :] = [opts.pad_token_id] * (C - eos - 1)
-            sequence.extend(committed)
-            tokens.extend(new)
-            segment = ""
-            if detokenizer is not None:
-                for t in new:
-                    detokenizer.add_token(t)
-                if eos is not None or index == canvases - 1:
-                    detokenizer.finalize()
-                segment = detokenizer.last_segment
-            yield Commit(index, new, segment)
-            if eos is not None:
+            committed = mx.stack([last[position] for position in range(len(going))])
+            still = []
+            for position, tokens in enumerate(committed.tolist()):
+                r = going[position]
+                new, finished = rows[r].commit(tokens, index, opts)
+                yield Commit(index, new, rows[r].segment(new, finished), r)
+                if finished:
+                    yield rows[r].response(r, tokenizer, opts, C, start, prompt_end)
+                else:
+                    still.append(position)
+            if not still:
                 break
-            if index + 1 < canvases:
-                with mx.stream(generation_stream):
-                    model.encode(argmax, cache)  # the next canvas attends to this one
+            if len(still) < len(going):
+                keep = mx.array(still)
+                cache = [_keep_rows(c, keep) for c in cache[: len(model.layers)]]
+                committed = committed[keep]
+                going = [going[p] for p in still]
+            with mx.stream(generation_stream):
+                model.encode(committed, cache)  # the next canvas attends to this one
 
-        elapsed = time.perf_counter() - start
-        generation_time = max(elapsed - prompt_time, 1e-9)
-        thinking, text = split_thinking(tokenizer, tokens) if tokenizer is not None else ("", "")
-        valid = len(sequence) if opts.pad_token_id is None else sum(t != opts.pad_token_id for t in sequence)
-        yield DiffusionResponse(
+
+@dataclass
+class _Row:
+    """One prompt's progress through a generation, and its statistics."""
+
+    prompt_tokens: int
+    canvases: int  # the most it may commit (max_tokens, the model's context)
+    detokenizer: object
+    prompt_time: float = 0.0
+    passes: int = 0
+    sequence: list = field(default_factory=list)  # committed canvases, the reference's padding included
+    tokens: list = field(default_factory=list)  # generated ids, without eos and padding
+    finish_reason: str = "length"
+
+    def commit(self, committed: list, index: int, opts: DiffusionOptions) -> tuple:
+        """Take canvas `index`: (its new tokens, whether the row has finished)."""
+        C = len(committed)
+        eos = next((i for i, t in enumerate(committed) if t in opts.eos_token_id), None)
+        room_left = opts.max_tokens - len(self.tokens)
+        new = committed[: min(room_left, C if eos is None else eos)]
+        if eos is not None:
+            self.finish_reason = "stop" if eos < room_left else "length"
+            if opts.pad_token_id is not None:  # the reference pads what follows the first eos
+                committed = committed[: eos + 1] + [opts.pad_token_id] * (C - eos - 1)
+        self.sequence.extend(committed)
+        self.tokens.extend(new)
+        return new, eos is not None or index + 1 == self.canvases
+
+    def segment(self, new: list, finished: bool) -> str:
+        if self.detokenizer is None:
+            return ""
+        for t in new:
+            self.detokenizer.add_token(t)
+        if finished:
+            self.detokenizer.finalize()
+        return self.detokenizer.last_segment
+
+    def response(self, row: int, tokenizer, opts: DiffusionOptions, C: int, start: float, prompt_end: float):
+        end = time.perf_counter()
+        thinking, text = split_thinking(tokenizer, self.tokens) if tokenizer is not None else ("", "")
+        valid = len(self.sequence) if opts.pad_token_id is None else sum(t != opts.pad_token_id for t in self.sequence)
+        return DiffusionResponse(
             text=text,
             thinking=thinking,
-            tokens=tokens,
-            finish_reason=finish_reason,
-            prompt_tokens=prompt.size,
-            prompt_tps=prompt.size / max(prompt_time, 1e-9),
-            generation_tokens=len(tokens),
-            generation_tps=len(tokens) / generation_time,
+            tokens=self.tokens,
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_tokens,
+            prompt_tps=self.prompt_tokens / max(self.prompt_time, 1e-9),
+            generation_tokens=len(self.tokens),
+            generation_tps=len(self.tokens) / max(end - prompt_end, 1e-9),
             peak_memory=mx.get_peak_memory() / 1e9,
-            canvases=len(sequence) // C,
-            denoising_steps=passes,
-            tokens_per_forward=valid / passes,
-            wall_time=elapsed,
+            canvases=len(self.sequence) // C,
+            denoising_steps=self.passes,
+            tokens_per_forward=valid / self.passes,
+            wall_time=end - start,
+            row=row,
         )
 
 
-def diffusion_generate(model, tokenizer, prompt, **kwargs) -> DiffusionResponse:
-    """Generate and return the final `DiffusionResponse` (see
-    `stream_diffusion_generate` for the arguments)."""
+def _is_batch(prompt) -> bool:
+    """A list (or tuple) of prompts, each a string or a sequence of ids; a
+    list of ids is one prompt."""
+    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
+
+
+def _prompt_ids(prompt, tokenizer, args, what: str, system_prompt, enable_thinking, use_chat_template) -> mx.array:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{what} is empty")
+        prompt = render_prompt(tokenizer, prompt, system_prompt, enable_thinking, use_chat_template)
+    ids = _token_ids(prompt, args.vocab_size, what)
+    if (args.max_position_embeddings - ids.size) // args.canvas_length < 1:
+        raise ValueError(
+            f"{what} has {ids.size} tokens; with a canvas of {args.canvas_length} it does not fit the model's "
+            f"context of {args.max_position_embeddings} tokens"
+        )
+    return ids
+
+
+def _first_canvas(decoder_input_ids, rows: int, C: int, V: int) -> mx.array:
+    """The caller's first canvas as [rows, C]: [C] (or [1, C]) for one prompt, [B, C] for a batch."""
+    ids = np.asarray(decoder_input_ids.tolist() if isinstance(decoder_input_ids, mx.array) else decoder_input_ids)
+    if rows == 1 and ids.size == C:
+        ids = ids.reshape(1, C)
+    if ids.shape != (rows, C):
+        expected = f"exactly canvas_length={C} ids (one whole canvas)" if rows == 1 else f"shape [{rows}, {C}] (a canvas per prompt)"
+        raise ValueError(f"decoder_input_ids must hold {expected}, got shape {list(ids.shape)}")
+    return mx.stack([_token_ids(row, V, "decoder_input_ids") for row in ids])
+
+
+def _batch_caches(caches: list, layers: int) -> list:
+    """One prompt's layer caches per row, merged into mlx-lm's batch caches
+    (left-padded: each row's tokens end at the same index)."""
+    merged = []
+    for i in range(layers):
+        kind = BatchKVCache if isinstance(caches[0][i], KVCache) else BatchRotatingKVCache
+        merged.append(kind.merge([cache[i] for cache in caches]))
+    return merged
+
+
+def diffusion_generate(model, tokenizer, prompt, **kwargs):
+    """Generate and return the final `DiffusionResponse`, or for a list of
+    prompts one per prompt, in their order (see `stream_diffusion_generate`
+    for the arguments)."""
+    responses = {}
     for event in stream_diffusion_generate(model, tokenizer, prompt, **kwargs):
-        pass
-    return event
+        if isinstance(event, DiffusionResponse):
+            responses[event.row] = event
+    return [responses[r] for r in sorted(responses)] if _is_batch(prompt) else responses[0]
 
 
 if __name__ == "__main__":  # the command lives in cli.py, beside the package's other command pieces

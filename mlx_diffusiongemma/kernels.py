@@ -81,8 +81,9 @@ def row_sample(
     top_k: Optional[int] = None,
 ) -> RowSample:
     """Run the kernel over `logits` [..., V] (float32, bfloat16 or float16;
-    with `softcap`, the raw lm_head output, softcapped inside). `key` [2]
-    uint32 is the step's key: row r draws with sampling.row_uniforms(key)[r].
+    with `softcap`, the raw lm_head output, softcapped inside). `key` is the
+    step's key, [2] uint32, or [n, 2], one per batch row of logits [n, ..., V]:
+    the rows under key j draw with sampling.row_uniforms(key)[j].
     Weights are written in `weights_dtype` if given, as exp(z - shift) for a
     shift of cap / temperature (a bound on z known before the read) or the
     row's own maximum where that bound is too far from it; softmax(z) is
@@ -97,6 +98,9 @@ def row_sample(
     if top_k is not None and not 1 <= top_k <= min(MAX_TOP_K, V):
         raise ValueError(f"the fused sampler's top_k must be in [1, {min(MAX_TOP_K, V)}], got {top_k}")
     rows = math.prod(lead)
+    keys = key.astype(mx.uint32).reshape(-1, 2)
+    if rows % keys.shape[0]:
+        raise ValueError(f"the fused sampler needs one key per batch row: {keys.shape[0]} keys for logits {logits.shape}")
     temperature = temperature.astype(mx.float32).reshape(1)
     if softcap is None:
         params = mx.concatenate([temperature, mx.array([1.0, math.inf], mx.float32)])
@@ -108,7 +112,7 @@ def row_sample(
     threads = 32 * simd_groups(V)
     scalars = [(rows,)] * 5
     outputs = kernel(backend_name)(
-        inputs=[logits.reshape(rows, V), params, key.astype(mx.uint32)],
+        inputs=[logits.reshape(rows, V), params, keys],
         template=[
             ("T", logits.dtype),
             ("W", weights_dtype),
@@ -117,6 +121,7 @@ def row_sample(
             ("SOFTCAP", softcap is not None),
             ("WRITE_WEIGHTS", write),
             ("TOPK", top_k or 0),
+            ("ROWS_PER_KEY", rows // keys.shape[0]),
         ],
         grid=(threads * rows, 1, 1),
         threadgroup=(threads, 1, 1),

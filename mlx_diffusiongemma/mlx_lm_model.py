@@ -178,6 +178,6 @@ class Model(DiffusionGemma):
         stopping = StableAndConfidentStopping(options.stability_threshold, options.confidence_threshold)
         randomness = Randomness()
         canvas = randomness.uniform_ids((1, self.args.canvas_length), self.args.vocab_size)
-        for argmax, _, _ in denoise_canvas(self, cache, canvas, options, randomness, options.make_acceptance(), stopping):
+        for _, argmax, _, _ in denoise_canvas(self, cache, canvas, options, randomness, options.make_acceptance(), stopping):
             pass
         return argmax[0].tolist()

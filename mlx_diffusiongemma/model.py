@@ -19,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softcap
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear
@@ -212,16 +212,50 @@ def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
 
 def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
     """A canvas's keys and values after the cached context, the cache holding
-    the same tokens afterwards. A full layer's cache takes them into the slots
-    after its tokens and gives them back (trim): attention reads the context
-    where it lies, with no copy of it per step, and the next step or commit
+    the same tokens afterwards, and the mask of the context's padding (None
+    for one sequence). A full layer's cache takes them into the slots after
+    its tokens and gives them back (trim): attention reads the context where
+    it lies, with no copy of it per step, and the next step or commit
     overwrites those slots. A sliding layer's context, at most a window, is
-    copied in temporal order."""
+    copied in temporal order.
+
+    A batch's caches (mlx-lm's BatchKVCache / BatchRotatingKVCache) hold the
+    rows left-padded: row r's context is its last `offset[r]` entries, and
+    the padding before them is masked out, as the reference masks a padded
+    prompt (its decoder attention mask)."""
+    canvas = keys.shape[2]
+    if isinstance(cache, BatchKVCache):
+        real = cache.offset
+        keys, values = cache.update_and_fetch(keys, values)
+        cache.trim(canvas)
+        return keys, values, _padding_mask(real, keys.shape[2] - canvas, canvas)
+    if isinstance(cache, BatchRotatingKVCache):
+        past_keys, past_values = (_temporal_order(cache, v) for v in (cache.keys, cache.values))
+        context = min(cache.max_size - 1, past_keys.shape[2])
+        keys = mx.concatenate([past_keys[..., past_keys.shape[2] - context :, :], keys], axis=2)
+        values = mx.concatenate([past_values[..., past_values.shape[2] - context :, :], values], axis=2)
+        return keys, values, _padding_mask(cache.offset, context, canvas)
     if isinstance(cache, KVCache):
         both = cache.update_and_fetch(keys, values)
-        cache.trim(keys.shape[2])
-        return both
-    return _with_context(cache, keys, values)
+        cache.trim(canvas)
+        return (*both, None)
+    return (*_with_context(cache, keys, values), None)
+
+
+def _temporal_order(cache, v: mx.array) -> mx.array:
+    """A BatchRotatingKVCache's keys or values, oldest first (its private
+    layout, mlx-lm < 0.33: a ring written at `_idx` once `rotated`)."""
+    if cache.rotated:
+        return mx.concatenate([v[..., cache._idx :, :], v[..., : cache._idx, :]], axis=2)
+    return v[..., : cache._idx, :]
+
+
+def _padding_mask(real: mx.array, context: int, canvas: int) -> mx.array:
+    """[B, 1, 1, context + canvas] True where a key is row b's: the last
+    real[b] entries of the context (fewer than `context`: padding before
+    them), and the whole canvas."""
+    start = context - mx.minimum(real, context)
+    return (mx.arange(context + canvas)[None] >= start[:, None])[:, None, None, :]
 
 
 class _Lookahead:
@@ -600,7 +634,7 @@ class Model(nn.Module):
         weighted by their probabilities as given (an approximation the caller
         opts into; no [C, V] @ [V, H] product).
         """
-        segments, offset = self._segments, mx.array(cache[0].offset, dtype=mx.int32)
+        segments, offset = self._segments, mx.array(cache[0].offset).astype(mx.int32)  # [B] in a batch's caches
         h, q, k, v = segments[0](
             _token_batch(canvas_ids),
             None,
@@ -609,10 +643,8 @@ class Model(nn.Module):
         )
         *middle, last = segments[1:]
         for segment, c in zip(middle, cache):
-            k, v = _after_context(c, k, v)
-            h, q, k, v = segment(h, attend(q, k, v), offset)
-        k, v = _after_context(cache[len(middle)], k, v)
-        return last(h, attend(q, k, v), offset, None, raw_logits)
+            h, q, k, v = segment(h, attend(q, *_after_context(c, k, v)), offset)
+        return last(h, attend(q, *_after_context(cache[len(middle)], k, v)), offset, None, raw_logits)
 
     @property
     def _segments(self) -> list:  # of compiled functions

@@ -12,6 +12,7 @@ GPU one fused kernel (kernels.py) does the same in one read of the logits,
 once it has agreed with this path (`fused_sampler_ready`).
 """
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -35,38 +36,65 @@ def check_seed(seed) -> int:
 
 
 class Randomness:
-    """Every random draw of generation, in the reference's order.
+    """Every random draw of generation, one stream per row of a batch (a
+    prompt), in the reference's order.
 
     Per canvas `uniform_ids` gives the initial canvas; per step `categorical`
     draws the denoiser canvas, then `uniform_ids` the full canvas from which
-    renoised positions take their ids. Each draw takes a key of its own:
-    split off the seed's key (reproducible), or without a seed drawn from
-    mlx's global random state, so `mx.random.seed(n)` controls them as in
-    mlx-lm. Tests substitute an object replaying the reference's recorded
-    draws (torch.multinomial's).
+    renoised positions take their ids. Each draw takes one key per row. With
+    a seed, row r's keys derive from `seed + r` and how many draws the row
+    has taken, so a row draws the same whatever else is in the batch, and a
+    row that sits a step out (its canvas has stopped) or has finished moves
+    no other row's draws: a prompt in a batch draws exactly as it does alone
+    with its seed. Without one, each draw's keys come from mlx's global
+    random state, so `mx.random.seed(n)` controls them as in mlx-lm (whose
+    loop, driving our model, draws the same keys in the same order).
+    `select(rows)` gives the draws of some rows only (the rows still
+    denoising). Tests substitute an object replaying the reference's
+    recorded draws (torch.multinomial's).
     """
 
-    def __init__(self, seed: Optional[int] = None):
-        self._key = None if seed is None else mx.random.key(check_seed(seed))
+    def __init__(self, seed: Optional[int] = None, rows: int = 1):
+        self._keys = None
+        if seed is not None:
+            seed = check_seed(seed)
+            self._keys = mx.stack([mx.random.key(check_seed(seed + r)) for r in range(rows)])
+        self._draws = [0] * rows  # draws taken, per row (shared with selections)
+        self._rows = list(range(rows))
+
+    def select(self, rows: Sequence[int]) -> "Randomness":
+        """The draws of these rows (indices into this object's rows)."""
+        view = copy.copy(self)
+        view._rows = [self._rows[r] for r in rows]
+        return view
 
     def step_key(self) -> mx.array:
-        """The next draw's key ([2] uint32, as mx.random.key makes)."""
-        if self._key is None:
-            return mx.random.randint(0, 2**24, (2,)).astype(mx.uint32)  # 48 random bits, no host sync
-        self._key, key = mx.random.split(self._key)
-        return key
+        """The next draw's keys ([rows, 2] uint32), one per row."""
+        if self._keys is None:
+            return mx.random.randint(0, 2**24, (len(self._rows), 2)).astype(mx.uint32)  # 48 random bits, no host sync
+        counts = mx.array([self._draws[r] for r in self._rows], mx.uint32)
+        for r in self._rows:
+            self._draws[r] += 1
+        keys = self._keys if len(self._rows) == self._keys.shape[0] else self._keys[mx.array(self._rows)]
+        first = _hash32(_hash32(counts ^ keys[:, 0]) + keys[:, 1])
+        return mx.stack([first, _hash32(first ^ (keys[:, 0] + 0x7F4A7C15))], axis=-1)
 
     def uniform_ids(self, shape: Sequence[int], vocab_size: int) -> mx.array:
-        return mx.random.randint(0, vocab_size, shape, key=self.step_key())
+        """Uniform ids in [0, vocab_size), shape[0] rows (one per selected
+        row), from 32 bits each (Lemire's multiply-shift: bias below V / 2^32)."""
+        keys = self.step_key()
+        bits = _counter_bits(keys, math.prod(shape) // keys.shape[0])
+        return ((bits.astype(mx.uint64) * vocab_size) >> 32).astype(mx.int32).reshape(shape)
 
     def categorical(self, weights: mx.array) -> mx.array:
         """One draw per position from the distribution proportional to
-        `weights` (unnormalised probabilities over the last axis), by inverting
-        its cumulative sum with one uniform per position (`row_uniforms`, which
-        the fused kernel draws too), where a Gumbel-max draw would take a
-        logarithm of a logarithm of V uniforms."""
+        `weights` ([rows, ..., V], unnormalised probabilities over the last
+        axis), by inverting its cumulative sum with one uniform per position
+        (`row_uniforms`, which the fused kernel draws too), where a Gumbel-max
+        draw would take a logarithm of a logarithm of V uniforms."""
         lead = weights.shape[:-1]
-        u = row_uniforms(self.step_key(), math.prod(lead)).reshape(*lead, 1)
+        keys = self.step_key()
+        u = row_uniforms(keys, math.prod(lead) // keys.shape[0]).reshape(*lead, 1)
         return inverse_cdf(weights, u)
 
 
@@ -79,14 +107,20 @@ def _hash32(x: mx.array) -> mx.array:
     return x ^ (x >> 15)
 
 
-def row_uniforms(key: mx.array, rows: int) -> mx.array:
-    """One uniform in (0, 1] per row, counter-based: row r's is a hash of
-    (key, r), 24 bits, as the fused kernel computes it, so kernel and MLX
-    path draw the same tokens from the same key, but for rounding at the
-    boundaries of the cumulative sum."""
-    key = key.astype(mx.uint32)
-    bits = _hash32(_hash32(mx.arange(rows, dtype=mx.uint32) ^ key[0]) + key[1])
-    return ((bits >> 8) + 1).astype(mx.float32) * 2.0**-24
+def _counter_bits(keys: mx.array, count: int) -> mx.array:
+    """32 random bits for positions 0..count-1 under each key ([n, 2] -> [n, count])."""
+    keys = keys.astype(mx.uint32).reshape(-1, 2)
+    position = mx.arange(count, dtype=mx.uint32)
+    return _hash32(_hash32(position ^ keys[:, :1]) + keys[:, 1:])
+
+
+def row_uniforms(keys: mx.array, count: int) -> mx.array:
+    """One uniform in (0, 1] per position under each key ([n, 2] or [2] ->
+    [n, count]), counter-based: position p's is a hash of (key, p), 24 bits,
+    as the fused kernel computes it, so kernel and MLX path draw the same
+    tokens from the same keys, but for rounding at the boundaries of the
+    cumulative sum."""
+    return ((_counter_bits(keys, count) >> 8) + 1).astype(mx.float32) * 2.0**-24
 
 
 def _block_size(vocab_size: int) -> int:
@@ -274,7 +308,7 @@ def fused_disagreements(logits, temperature, key, softcap, weights_dtype, top_k=
     # in float64: the MLX path's float32 total is itself off by ~1e-5 over 40000 terms
     cdf = np.cumsum(np.array(weights, np.float64), axis=-1)
     cdf /= cdf[:, -1:]
-    u = np.array(row_uniforms(key, cdf.shape[0]), np.float64)
+    u = np.array(row_uniforms(key, cdf.shape[0]), np.float64).reshape(-1)
     for row, (d, c) in enumerate(zip(got.draw.tolist(), cdf)):
         before = c[d - 1] if d > 0 else 0.0
         if not (0 <= d < c.size and c[d] > before and before <= u[row] + 1e-5 and c[d] >= u[row] - 1e-5):
@@ -296,6 +330,9 @@ class EntropyBoundAcceptance:
         self.entropy_bound = entropy_bound
 
     def reset(self) -> None:
+        pass
+
+    def keep(self, rows: mx.array) -> None:
         pass
 
     def __call__(self, current: mx.array, prediction: Prediction) -> tuple[mx.array, mx.array]:
@@ -322,6 +359,11 @@ class ConfidenceAcceptance:
 
     def reset(self) -> None:
         self.frozen = None
+
+    def keep(self, rows: mx.array) -> None:
+        """Keep only these rows of a batch (the others' canvases stopped)."""
+        if self.frozen is not None:
+            self.frozen = self.frozen[rows]
 
     def __call__(self, current: mx.array, prediction: Prediction) -> tuple[mx.array, mx.array]:
         frozen = mx.zeros(current.shape, mx.bool_) if self.frozen is None else self.frozen
@@ -362,6 +404,11 @@ class StableAndConfidentStopping:
 
     def reset(self) -> None:
         self.history = None
+
+    def keep(self, rows: mx.array) -> None:
+        """Keep only these rows of a batch (the others' canvases stopped)."""
+        if self.history is not None:
+            self.history = self.history[:, rows]
 
 
 def top_k_indices(values: mx.array, k: int) -> mx.array:

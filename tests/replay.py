@@ -81,6 +81,10 @@ class ReplayedRandomness:
         assert got == kind, f"draw order differs: ours asks for {kind}, the reference drew {got}"
         return value
 
+    def select(self, rows):
+        assert list(rows) == [0], "one prompt's recording replays one row"
+        return self
+
     def uniform_ids(self, shape, vocab_size):
         value = self._next("uniform")
         assert value.shape == tuple(shape) and value.max() < vocab_size
@@ -121,3 +125,20 @@ class ReplayedDecoder:
         else:
             self.self_conditioning.append(None)
         return mx.array(self.recording.logits[i])
+
+
+class ReplayedRows:
+    """A batch's randomness: row r replays recording r's draws (each prompt
+    draws as it did alone), for whichever rows a step takes."""
+
+    def __init__(self, replays: list, rows=None):
+        self.replays, self.rows = replays, list(range(len(replays))) if rows is None else rows
+
+    def select(self, rows):
+        return ReplayedRows(self.replays, [self.rows[r] for r in rows])
+
+    def uniform_ids(self, shape, vocab_size):
+        return mx.concatenate([self.replays[r].uniform_ids((1, *shape[1:]), vocab_size) for r in self.rows])
+
+    def categorical(self, weights):
+        return mx.concatenate([self.replays[r].categorical(weights[i : i + 1]) for i, r in enumerate(self.rows)])

@@ -88,7 +88,7 @@ def test_bad_inputs_exit_1_with_one_line(chat_checkpoint, tmp_path, capsys):
         (["--model", str(chat_checkpoint), "--prompt", "hi", "--t-max", "0.1"], "t_max must be greater than t_min"),
         (["--model", "demo", "--prompt", "abc"], "does not know: 'a', 'b', 'c' (the single characters it knows: 0123456789=)"),
         (["--model", "demo", "--prompt", "321", "--decoder-input-ids", "3", "4"],
-         "decoder_input_ids must hold exactly canvas_length=12 ids (one whole canvas), got 2"),
+         "decoder_input_ids must hold exactly canvas_length=12 ids (one whole canvas), got shape [2]"),
         (["--model", "demo", "--prompt", "321", "--eos-token-id", "14"], "eos_token_id must hold token ids in [0, 14), got (14,)"),
     ]
     for argv, message in cases:

@@ -117,10 +117,10 @@ def test_invalid_options_are_named(option, value, message):
         ([], {}, ValueError, "prompt is empty"),
         ("   ", {}, ValueError, "prompt is empty"),
         ([3, V], {}, ValueError, r"prompt holds ids outside \[0, 40\)"),
-        ([[1, 2], [3, 4]], {}, ValueError, "1-D sequence of token ids"),
+        (np.array([[1, 2], [3, 4]]), {}, ValueError, "1-D sequence of token ids"),  # a list of them is a batch
         ("hello", {}, ValueError, "a text prompt needs a tokenizer"),
         ([3] * 20, {}, ValueError, "does not fit the model's context of 24 tokens"),
-        ([3], {"decoder_input_ids": [1, 2]}, ValueError, r"decoder_input_ids must hold exactly canvas_length=6 ids \(one whole canvas\), got 2"),
+        ([3], {"decoder_input_ids": [1, 2]}, ValueError, r"decoder_input_ids must hold exactly canvas_length=6 ids \(one whole canvas\), got shape \[2\]"),
         ([3], {"seed": 1, "randomness": Randomness(1)}, ValueError, "either seed or randomness"),
         ([3], {"seed": -1}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got -1"),
         ([3], {"seed": "1"}, ValueError, r"seed must be an integer in \[0, 2\*\*64\), got '1'"),

@@ -247,7 +247,7 @@ def test_cuda_source_compiles_for_sm90(tmp_path, dtype, weights_dtype, softcap, 
     outputs = list(zip(kernels.OUTPUTS, dtypes, strict=True))
     template = [
         ("T", dtype), ("W", weights_dtype), ("V", 262144), ("LOADS", kernels.LOADS[dtype.size]),
-        ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True), ("TOPK", top_k),
+        ("SOFTCAP", softcap), ("WRITE_WEIGHTS", True), ("TOPK", top_k), ("ROWS_PER_KEY", 256),
     ]
     source = cuda_source("row_sampler", header, body, [("logits", dtype), ("params", mx.float32), ("key", mx.uint32)], outputs, template)
     result = nvcc_compile(source, tmp_path)
@@ -264,7 +264,7 @@ def test_cuda_chunk_loads_are_in_flight_together(tmp_path):
     loads = kernels.LOADS[2]
     template = [
         ("T", mx.bfloat16), ("W", mx.bfloat16), ("V", 262144), ("LOADS", loads),
-        ("SOFTCAP", True), ("WRITE_WEIGHTS", False), ("TOPK", 0),
+        ("SOFTCAP", True), ("WRITE_WEIGHTS", False), ("TOPK", 0), ("ROWS_PER_KEY", 256),
     ]
     inputs = [("logits", mx.bfloat16), ("params", mx.float32), ("key", mx.uint32)]
     source = cuda_source("row_sampler", header, body, inputs, list(zip(kernels.OUTPUTS, dtypes, strict=True)), template)
