@@ -44,7 +44,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     """mlx_lm.generate's flags where they make sense, plus the sampler's."""
     p = ArgumentParser(prog="python -m mlx_diffusiongemma.generate", description="Generate text with DiffusionGemma.")
     p.add_argument("--model", required=True, help="local directory or Hugging Face repo")
-    p.add_argument("--prompt", "-p", required=True, help="message to the model ('-' reads stdin)")
+    prompts = p.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", "-p", action="append", help="message to the model ('-' reads stdin); "
+                         "several --prompt are generated together, as a batch")
+    prompts.add_argument("--prompts-file", metavar="FILE", help="a batch: one prompt per line (blank lines skipped)")
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true", help="encode the prompt raw")
     p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
@@ -131,19 +134,36 @@ def parse_args(argv=None) -> tuple:
     return parser, args
 
 
+def batch_line(responses: list, seconds: float) -> str:
+    tokens = sum(r.generation_tokens for r in responses)
+    return f"Batch: {len(responses)} prompts, {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.3f} tokens-per-sec"
+
+
+def _read_prompts(args) -> list:
+    """The prompts as given: --prompt (each, or '-' for stdin) or one per line of --prompts-file."""
+    if args.prompts_file is None:
+        return [sys.stdin.read() if p == "-" else p for p in args.prompt]
+    with open(args.prompts_file, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")
+    return prompts
+
+
 def main(argv=None) -> int:
     parser, args = parse_args(argv)
     options = {name: getattr(args, name) for name in _OPTION_FLAGS}
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() else None
     if args.seed is not None:
         mx.random.seed(args.seed)  # as mlx_lm.generate does: same seed, same draws, same text
+    responses, live = {}, None
     try:
+        prompts = _read_prompts(args)
+        live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() and len(prompts) == 1 else None
         model, tokenizer = load(args.model)
         events = stream_diffusion_generate(
             model,
             tokenizer,
-            prompt,
+            prompts[0] if len(prompts) == 1 else prompts,
             system_prompt=args.system_prompt,
             enable_thinking=args.enable_thinking,
             use_chat_template=not args.ignore_chat_template,
@@ -151,7 +171,9 @@ def main(argv=None) -> int:
             **options,
         )
         for event in events:
-            if live is not None and not isinstance(event, DiffusionResponse):
+            if isinstance(event, DiffusionResponse):
+                responses[event.row] = event
+            elif live is not None:
                 live.show(event)
     except (ValueError, OSError) as e:
         if live is not None:
@@ -160,9 +182,15 @@ def main(argv=None) -> int:
         return 1
     if live is not None:
         live.clear()
-    if args.show_thinking and event.thinking:
-        print(f"Thinking:\n{event.thinking}\n\nAnswer:")
-    print(event.text)
-    if args.verbose:
-        print(statistics_line(event))
+    for row in sorted(responses):
+        response = responses[row]
+        if len(responses) > 1:
+            print(f"[{row}]")
+        if args.show_thinking and response.thinking:
+            print(f"Thinking:\n{response.thinking}\n\nAnswer:")
+        print(response.text)
+        if args.verbose:
+            print(statistics_line(response))
+    if args.verbose and len(responses) > 1:
+        print(batch_line(list(responses.values()), max(r.wall_time for r in responses.values())))
     return 0

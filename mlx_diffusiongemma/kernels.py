@@ -99,7 +99,7 @@ def row_sample(
         raise ValueError(f"the fused sampler's top_k must be in [1, {min(MAX_TOP_K, V)}], got {top_k}")
     rows = math.prod(lead)
     keys = key.astype(mx.uint32).reshape(-1, 2)
-    if rows % keys.shape[0]:
+    if keys.shape[0] not in (1, lead[0] if lead else 1):
         raise ValueError(f"the fused sampler needs one key per batch row: {keys.shape[0]} keys for logits {logits.shape}")
     temperature = temperature.astype(mx.float32).reshape(1)
     if softcap is None:

@@ -33,6 +33,32 @@ def test_prints_answer_and_statistics(chat_checkpoint, capsys):
     assert "tokens/forward" in stats and "Peak memory:" in stats
 
 
+@pytest.mark.parametrize("as_file", [False, True], ids=["flags", "file"])
+def test_several_prompts_are_one_batch(chat_checkpoint, capsys, tmp_path, as_file):
+    """--prompt given twice, or a file of prompts: one batch, answers in order,
+    each what the API's batch gives, a statistics line per prompt and one for the batch."""
+    prompts = ["why is the sky blue", "hello there"]
+    if as_file:
+        (tmp_path / "prompts.txt").write_text(f"{prompts[0]}\n\n{prompts[1]}\n")
+        source = ["--prompts-file", str(tmp_path / "prompts.txt")]
+    else:
+        source = ["--prompt", prompts[0], "--prompt", prompts[1]]
+    assert main(["--model", str(chat_checkpoint), *source, *FAST]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mx.random.seed(1)
+    model, tokenizer = load(chat_checkpoint)
+    expected = diffusion_generate(model, tokenizer, prompts, max_tokens=12, max_denoising_steps=3)
+    assert lines[0] == "[0]" and lines[1] == expected[0].text and lines[2].startswith("Prompt: ")
+    assert lines[3] == "[1]" and lines[4] == expected[1].text and lines[5].startswith("Prompt: ")
+    assert lines[6].startswith("Batch: 2 prompts, ") and len(lines) == 7
+
+
+def test_an_empty_prompts_file_is_named(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    assert main(["--model", "demo", "--prompts-file", str(tmp_path / "prompts.txt")]) == 1
+    assert "prompts.txt holds no prompt (one per line)" in capsys.readouterr().err
+
+
 def test_quiet_prints_only_the_answer(chat_checkpoint, capsys):
     assert main(["--model", str(chat_checkpoint), "--prompt", "hello", "--verbose", "False", "--ignore-chat-template", *FAST]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 1

@@ -131,6 +131,21 @@ def test_same_key_same_draws_as_the_mlx_path(emulated):
     assert fused.processed is None and mlx_path.processed is not None
 
 
+def test_a_batch_row_draws_as_it_does_alone(emulated):
+    """Logits [B, C, V] with one key per batch row: row b draws with its own
+    key as the same canvas does alone, as the MLX path's batch draw does."""
+    logits = mx.random.normal((3, 16, 300), key=mx.random.key(12)) * 2.0
+    seeded = sampling.Randomness(21, rows=3)
+    together = sampling.predict(logits, T, seeded, fused=True)
+    mlx_path = sampling.predict(logits, T, sampling.Randomness(21, rows=3))
+    assert np.array_equal(np.array(together.draw), np.array(mlx_path.draw))
+    for b in range(3):
+        alone = sampling.predict(logits[b : b + 1], T, sampling.Randomness(21 + b), fused=True)
+        assert np.array_equal(np.array(alone.draw[0]), np.array(together.draw[b])), b
+    with pytest.raises(ValueError, match="one key per batch row: 2 keys for logits"):
+        kernels.row_sample(logits, T, mx.zeros((2, 2), mx.uint32))
+
+
 def _broken_source(replace: tuple):
     source = kernels.source
 
