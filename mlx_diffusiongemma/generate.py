@@ -356,22 +356,11 @@ def stream_diffusion_generate(
     # as mlx-lm's generate: weights wired on Metal, compute on its generation stream
     with wired_limit(model, [generation_stream]):
         start = time.perf_counter()
-        caches = []
-        for row, ids in zip(rows, prompts):
-            begin = time.perf_counter()
-            cache = model.make_cache()
-            # Prefill as mlx-lm's generate_step does: chunks of 2048, then the last token
-            # alone. mlx_lm.generate driving our model then builds a bit-identical cache,
-            # and so (same seed) the same text.
-            with mx.stream(generation_stream):
-                if ids.size > 1:
-                    model.encode(ids[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
-                model.encode(ids[-1:], cache)
-            caches.append(cache)
-            row.prompt_time = time.perf_counter() - begin
-        cache = caches[0] if B == 1 else _batch_caches(caches, len(model.layers))
-        del caches
+        with mx.stream(generation_stream):
+            cache = prefill(model, prompts)
         prompt_end = time.perf_counter()
+        for row in rows:
+            row.prompt_time = prompt_end - start
 
         going = list(range(B))  # rows still generating, in the batch's order
         for index in range(max(canvases)):
@@ -498,14 +487,38 @@ def _first_canvas(decoder_input_ids, rows: int, C: int, V: int) -> mx.array:
     return mx.stack([_token_ids(row, V, "decoder_input_ids") for row in ids])
 
 
-def _batch_caches(caches: list, layers: int) -> list:
-    """One prompt's layer caches per row, merged into mlx-lm's batch caches
-    (left-padded: each row's tokens end at the same index)."""
-    merged = []
-    for i in range(layers):
-        kind = BatchKVCache if isinstance(caches[0][i], KVCache) else BatchRotatingKVCache
-        merged.append(kind.merge([cache[i] for cache in caches]))
-    return merged
+def prefill(model, prompts: list) -> list:
+    """The layer caches holding the prompts ([L] id arrays).
+
+    One prompt: chunks of 2048, then the last token alone, as mlx-lm's
+    generate_step prefills; mlx_lm.generate driving our model then builds a
+    bit-identical cache, and so (same seed) the same text. Several: left-padded
+    into mlx-lm's batch caches (each row's tokens end at the same index, the
+    padding masked) in one encoder pass per chunk. No chunk there is a single
+    token: mlx-lm's BatchRotatingKVCache writes one token in place, and a
+    multi-token write after that (the next canvas's commit) loses track of a
+    short row's padding (mlx-lm 0.32)."""
+    cache = model.make_cache()
+    if len(prompts) == 1:
+        ids = prompts[0]
+        if ids.size > 1:
+            model.encode(ids[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
+        model.encode(ids[-1:], cache)
+        return cache
+    length = max(ids.size for ids in prompts)
+    padding = [length - ids.size for ids in prompts]
+    cache = [
+        BatchKVCache(padding) if isinstance(c, KVCache) else BatchRotatingKVCache(c.max_size, padding)
+        for c in cache[: len(model.layers)]
+    ]
+    padded = mx.stack([mx.concatenate([mx.zeros((pad,), mx.int32), ids]) for pad, ids in zip(padding, prompts)])
+    begin = 0
+    while begin < length:
+        size = min(PREFILL_STEP_SIZE, length - begin)
+        size -= length - begin - size == 1  # never leave a last chunk of one token
+        model.encode(padded[:, begin : begin + size], cache, chunk_size=size)
+        begin += size
+    return cache
 
 
 def diffusion_generate(model, tokenizer, prompt, **kwargs):

@@ -12,7 +12,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 import mlx.core as mx
 
 from mlx_diffusiongemma import diffusion_generate, load_model
-from mlx_diffusiongemma.generate import Commit, DiffusionResponse, Draft, _batch_caches, stream_diffusion_generate
+from mlx_diffusiongemma import generate
+from mlx_diffusiongemma.generate import Commit, DiffusionResponse, Draft, prefill, stream_diffusion_generate
 
 C = 12  # canvas length of the test checkpoints; sliding window 8
 RNG = np.random.default_rng(7)
@@ -107,21 +108,16 @@ def test_seeded_rows_draw_as_prompts_alone(separated):
     assert len({tuple(b.tokens) for b in batch}) == 3
 
 
-def test_padding_never_changes_a_row(separated):
-    """Decoder logits of a left-padded batch against each prompt alone,
-    after prefill and after commits, with self-conditioning, and after a
+def test_padding_never_changes_a_row(separated, monkeypatch):
+    """Decoder logits of a left-padded batch (prefilled in chunks) against
+    each prompt alone, after prefill and after commits, with self-conditioning, and after a
     row leaves the batch: within 1e-4 (the same arithmetic per row; the
     padding is masked, as the reference masks a padded prompt)."""
     _, model = separated
     V = model.args.vocab_size
-
-    def prefilled(prompt):
-        cache = model.make_cache()
-        model.encode(prompt, cache)
-        return cache
-
-    alone = [prefilled(p) for p in PROMPTS]
-    batch = _batch_caches([prefilled(p) for p in PROMPTS], len(model.layers))
+    monkeypatch.setattr(generate, "PREFILL_STEP_SIZE", 10)  # 21 tokens: chunks of 10, 9 and 2, never 1
+    alone = [prefill(model, [mx.array(p)]) for p in PROMPTS]
+    batch = prefill(model, [mx.array(p) for p in PROMPTS])
     assert isinstance(batch[0], BatchRotatingKVCache) and isinstance(batch[1], BatchKVCache)
     rows = [0, 1, 2]
     for commit in range(4):
