@@ -142,3 +142,70 @@ class ReplayedRows:
 
     def categorical(self, weights):
         return mx.concatenate([self.replays[r].categorical(weights[i : i + 1]) for i, r in enumerate(self.rows)])
+
+
+def record_reference_batch(reference, prompts: list, seed: int = 0, **generate_kwargs) -> Recording:
+    """The reference's own batched `generate`: prompts left-padded with an
+    attention mask. `sequence` and `tokens_per_forward` are per row."""
+    recording = Recording()
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (length - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(seed)
+    with _recording_draws(recording), torch.no_grad():
+        out = reference.generate(ids, attention_mask=mask, **generate_kwargs)
+    recording.sequence = out.sequences[:, length:].numpy()
+    recording.tokens_per_forward = out.tokens_per_forward.numpy()
+    return recording
+
+
+class ReplayedBatch:
+    """Hands out the rows we ask for of the reference's batched draws. The
+    reference draws for every row at every step (rows it has frozen too) and
+    runs a canvas until all its rows stop; ours asks only for the rows still
+    denoising, so each of our draws is matched to the reference's by canvas
+    and step: a uniform draw after a categorical one renoises that step, any
+    other starts the next canvas."""
+
+    def __init__(self, recording: Recording, rows=None, state=None):
+        self.rows = rows
+        self.state = state or {"canvases": self._canvases(recording.draws), "canvas": -1, "step": -1, "last": None}
+
+    @staticmethod
+    def _canvases(draws) -> list:
+        canvases, previous = [], None
+        for kind, value in draws:
+            if kind == "uniform" and previous != "categorical":
+                canvases.append({"start": value, "steps": []})
+            elif kind == "categorical":
+                canvases[-1]["steps"].append([value, None])
+            else:
+                canvases[-1]["steps"][-1][1] = value
+            previous = kind
+        return canvases
+
+    def select(self, rows):
+        return ReplayedBatch(None, rows if self.rows is None else [self.rows[r] for r in rows], self.state)
+
+    def uniform_ids(self, shape, vocab_size):
+        state = self.state
+        if state["last"] == "categorical":
+            value = state["canvases"][state["canvas"]]["steps"][state["step"]][1]
+        else:
+            state["canvas"] += 1
+            state["step"] = -1
+            assert state["canvas"] < len(state["canvases"]), "more canvases than the reference denoised"
+            value = state["canvases"][state["canvas"]]["start"]
+        state["last"] = "uniform"
+        value = value[self.rows]
+        assert value.shape == tuple(shape)
+        return mx.array(value, dtype=mx.int32)
+
+    def categorical(self, weights):
+        state = self.state
+        state["step"] += 1
+        steps = state["canvases"][state["canvas"]]["steps"]
+        assert state["step"] < len(steps), "more denoising steps than the reference took"
+        state["last"] = "categorical"
+        value = steps[state["step"]][0].reshape(-1, weights.shape[-2])
+        return mx.array(value[self.rows].reshape(weights.shape[:-1]), dtype=mx.int32)

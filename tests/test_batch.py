@@ -6,7 +6,7 @@ import pytest
 import torch
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
 from reference import build_reference, save_reference
-from replay import ReplayedRandomness, ReplayedRows, record_reference
+from replay import ReplayedBatch, ReplayedRandomness, ReplayedRows, record_reference, record_reference_batch
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx.core as mx
@@ -95,6 +95,33 @@ def test_each_row_generates_what_it_generates_alone(separated):
     assert len({responses[r].canvases for r in responses}) > 1  # one row finished before the others
     assert len({tuple(_steps_per_canvas(recording)) for recording in recordings}) == 3  # each stops on its own
     assert sum(counting.rows) == sum(r.denoising_steps for r in responses.values())  # stopped rows cost nothing
+
+
+def test_the_reference_batch_replayed(separated):
+    """The reference's own batched generate (left padding, an attention mask,
+    frozen rows computed and drawn for), its draws replayed for the rows we
+    compute: every row's tokens, eos and padding, and tokens per forward."""
+    reference, model = separated
+    settings = dict(
+        max_new_tokens=3 * C, pad_token_id=0, sampler_config=EntropyBoundSamplerConfig(entropy_bound=SPREAD["entropy_bound"]),
+        stability_threshold=SPREAD["stability_threshold"], confidence_threshold=SPREAD["confidence_threshold"],
+    )
+    free = record_reference_batch(reference, PROMPTS, seed=0, eos_token_id=[], **settings).sequence
+    # eos: a token of row 0's second canvas found nowhere before it, nor in the other rows
+    eos = [int(next(t for t in free[0, C : 2 * C] if t not in free[0, :C] and t not in free[1:]))]
+    recording = record_reference_batch(reference, PROMPTS, seed=0, eos_token_id=eos, **settings)
+    responses = diffusion_generate(
+        model, None, PROMPTS, randomness=ReplayedBatch(recording), max_tokens=3 * C, eos_token_id=eos, pad_token_id=0, **SPREAD
+    )
+    for r, response in enumerate(responses):
+        expected, n = recording.sequence[r], len(response.tokens)
+        np.testing.assert_array_equal(response.tokens, expected[:n], err_msg=f"row {r}")
+        if response.finish_reason == "stop":
+            assert expected[n] in eos and (expected[n + 1 :] == 0).all()  # eos, then the reference's padding
+        else:
+            assert n == len(expected)
+        assert response.tokens_per_forward == pytest.approx(float(recording.tokens_per_forward[r]), rel=1e-6)
+    assert {r.finish_reason for r in responses} == {"stop", "length"}
 
 
 def test_seeded_rows_draw_as_prompts_alone(separated):
