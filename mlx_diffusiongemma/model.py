@@ -198,15 +198,21 @@ class ModelArgs(BaseModelArgs):
 def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
     """A chunk's keys and values after the cached context, in temporal order,
     the cache untouched. A sliding layer keeps the last `window - 1` context
-    tokens, as the reference's sliding cache does; a full layer keeps them all."""
+    tokens, as the reference's sliding cache does; a full layer keeps them all.
+    In a batch's BatchRotatingKVCache each row's context ends at the same
+    index (left padding)."""
     if cache.keys is None:
         return keys, values
-    if isinstance(cache, RotatingKVCache):
+    if isinstance(cache, BatchRotatingKVCache):
+        past_keys, past_values = (_temporal_order(cache, v) for v in (cache.keys, cache.values))
+    elif isinstance(cache, RotatingKVCache):
         # the one private name the model uses; mlx-lm is pinned below 0.33 for it
-        last = slice(-min(cache.max_size - 1, cache.offset), None)
-        past_keys, past_values = (cache._temporal_order(v)[..., last, :] for v in (cache.keys, cache.values))
+        past_keys, past_values = (cache._temporal_order(v) for v in (cache.keys, cache.values))
     else:
         past_keys, past_values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+    if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)):
+        first = past_keys.shape[2] - min(cache.max_size - 1, past_keys.shape[2])
+        past_keys, past_values = past_keys[..., first:, :], past_values[..., first:, :]
     return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
 
 
@@ -230,11 +236,8 @@ def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
         cache.trim(canvas)
         return keys, values, _padding_mask(real, keys.shape[2] - canvas, canvas)
     if isinstance(cache, BatchRotatingKVCache):
-        past_keys, past_values = (_temporal_order(cache, v) for v in (cache.keys, cache.values))
-        context = min(cache.max_size - 1, past_keys.shape[2])
-        keys = mx.concatenate([past_keys[..., past_keys.shape[2] - context :, :], keys], axis=2)
-        values = mx.concatenate([past_values[..., past_values.shape[2] - context :, :], values], axis=2)
-        return keys, values, _padding_mask(cache.offset, context, canvas)
+        keys, values = _with_context(cache, keys, values)
+        return keys, values, _padding_mask(cache.offset, keys.shape[2] - canvas, canvas)
     if isinstance(cache, KVCache):
         both = cache.update_and_fetch(keys, values)
         cache.trim(canvas)
