@@ -10,11 +10,13 @@ Two ways in:
 - `model.diffusion_generate(prompt_ids, **kwargs)`: the hook a diffusion-aware
   `mlx_lm.generate` dispatches to; it streams our events (`Draft`, `Commit`,
   `DiffusionResponse`).
-- `model(inputs, cache)`: mlx-lm's autoregressive loop, unchanged. Asked for a
-  next token, the model denoises a whole canvas against the cache (the
-  reference sampler, random draws from mlx's global state, so `--seed` works),
-  then hands the canvas out one token per call with logits that make any
-  sampler pick exactly that token.
+- `model(inputs, cache)`: mlx-lm's autoregressive loops, unchanged, for one
+  sequence (`generate_step`) or a batch (`BatchGenerator`, `batch_generate`,
+  the server). Asked for a row's next token, the model denoises a whole
+  canvas against that row's context (the reference sampler, random draws
+  from mlx's global state, so `--seed` works), then hands the canvas out one
+  token per call with logits that make any sampler pick exactly that token.
+  Rows of a batch that need a canvas at the same call are denoised together.
 
 The cache invariant mlx-lm relies on (its server's prompt cache, trimming,
 saving, deep copies): once its loop has fed n tokens, the cache describes
@@ -30,6 +32,15 @@ it again) and feeding the same tokens continues the text. Anything else fed
 (a prompt, the next chat turn) is encoded as context, the held canvases are
 dropped, and the next canvas is denoised after it, as a fresh request would.
 
+Those held entries are mlx-lm's ConcatenateKVCache, whose trim leaves its
+arrays as they are (what a held canvas needs) and which `load_prompt_cache`
+restores by name. mlx-lm batches a cache entry through its `merge`, which
+ConcatenateKVCache lacks, so each held entry carries ours (`BatchHeld.merge`),
+and a batch holds them as a `BatchHeld`, which follows the conventions of
+mlx-lm's BatchKVCache (`extract`, `filter`, `extend`, `prepare`, `finalize`).
+An entry restored from a file has no `merge`: it continues one sequence, and
+mlx-lm refuses to batch it.
+
 mlx-lm prefills a prompt in chunks whose logits it ignores and then feeds the
 last prompt token alone to get the first generated token. So a call that
 brings several new tokens is taken for prefill: it fills the cache and
@@ -38,39 +49,139 @@ a one-token chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
 """
 
 import mlx.core as mx
-from mlx_lm.models.cache import ConcatenateKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, ConcatenateKVCache, KVCache, RotatingKVCache
 
-from .generate import DiffusionOptions, denoise_canvas, stream_diffusion_generate
+from .generate import DiffusionOptions, _keep_rows, denoise_canvas, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .model import Model as DiffusionGemma
 from .model import ModelArgs
 from .sampling import Randomness, StableAndConfidentStopping
 
-__all__ = ["Model", "ModelArgs"]
+__all__ = ["BatchHeld", "Model", "ModelArgs"]
+
+LAYER_CACHES = (KVCache, RotatingKVCache, BatchKVCache, BatchRotatingKVCache)
 
 
 def _entry(keys: mx.array, values: mx.array) -> ConcatenateKVCache:
-    """mlx-lm's ConcatenateKVCache: trimmable, without `merge` (so mlx-lm's
-    server serves this model one request at a time instead of batching it),
-    and restored by `load_prompt_cache`, which looks classes up by name in
-    mlx_lm.models.cache."""
+    """One sequence's held entry: two arrays [1, h, n, d] (see the module docstring)."""
     entry = ConcatenateKVCache()
     entry.state = (keys, values)
+    entry.merge = BatchHeld.merge
     return entry
 
 
-def _canvas_entry(tokens: list, start: int) -> ConcatenateKVCache:
-    """Canvas tokens the cache holds ([1, 1, n, 1]) and their positions."""
+def _padded(rows: list, length: int) -> mx.array:
+    """Arrays [1, h, n_r, d] as one [B, h, length, d], each row's n_r first."""
+    return mx.concatenate([mx.pad(a, [(0, 0), (0, 0), (0, length - a.shape[2]), (0, 0)]) for a in rows])
+
+
+class BatchHeld:
+    """The held entries of a batch (one per layer, or the canvas tokens and
+    positions): row r's two arrays [1, h, n_r, d] are keys[r, :, :n_r] and
+    values[r, :, :n_r]. Trimming leaves them, as it leaves a
+    ConcatenateKVCache's."""
+
+    def __init__(self, keys: mx.array, values: mx.array, lengths: list):
+        self.keys, self.values, self.lengths = keys, values, list(lengths)
+
+    @classmethod
+    def merge(cls, entries: list) -> "BatchHeld":
+        for entry in entries:
+            if not isinstance(entry, ConcatenateKVCache) or entry.keys is None:
+                raise ValueError(f"cannot batch a held canvas entry of type {type(entry).__name__} with no arrays")
+        lengths = [entry.keys.shape[2] for entry in entries]
+        N = max(lengths)
+        return cls(_padded([e.keys for e in entries], N), _padded([e.values for e in entries], N), lengths)
+
+    def row(self, r: int) -> tuple:
+        n = self.lengths[r]
+        return self.keys[r : r + 1, :, :n], self.values[r : r + 1, :, :n]
+
+    def extract(self, idx: int) -> ConcatenateKVCache:
+        return _entry(*(mx.contiguous(a) for a in self.row(idx)))
+
+    def filter(self, batch_indices) -> None:
+        batch_indices = list(batch_indices.tolist() if isinstance(batch_indices, mx.array) else batch_indices)
+        self.lengths = [self.lengths[i] for i in batch_indices]
+        index = mx.array(batch_indices, mx.int32)
+        self.keys, self.values = self.keys[index], self.values[index]
+
+    def extend(self, other: "BatchHeld") -> None:
+        rows = [self.row(r) for r in range(len(self.lengths))] + [other.row(r) for r in range(len(other.lengths))]
+        self.lengths += other.lengths
+        N = max(self.lengths)
+        self.keys, self.values = (_padded([row[i] for row in rows], N) for i in (0, 1))
+
+    def prepare(self, **kwargs) -> None:
+        """Nothing to do: padded prompts never reach a held canvas."""
+
+    def finalize(self) -> None:
+        pass
+
+    @property
+    def state(self) -> tuple:
+        return self.keys, self.values
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return False
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+def _held(entry) -> tuple:
+    """(keys [B, h, N, d], values, lengths) of a held entry, one sequence's or a batch's."""
+    if isinstance(entry, BatchHeld):
+        return entry.keys, entry.values, entry.lengths
+    return entry.keys, entry.values, [entry.keys.shape[2]]
+
+
+def _hold(entry, rows: list) -> None:
+    """Make `rows` (per row, two arrays [1, h, n_r, d]) what the entry holds."""
+    if isinstance(entry, BatchHeld):
+        lengths = [keys.shape[2] for keys, _ in rows]
+        N = max(lengths)
+        entry.keys, entry.values, entry.lengths = _padded([k for k, _ in rows], N), _padded([v for _, v in rows], N), lengths
+    else:
+        (entry.state,) = rows
+
+
+def _canvases(entry) -> tuple:
+    """Per row, the canvas tokens held and the position of the first."""
+    tokens, positions, lengths = _held(entry)
+    tokens, positions = tokens[:, 0, :, 0].tolist(), positions[:, 0, :1, 0].tolist()
+    return [t[:n] for t, n in zip(tokens, lengths)], [p[0] if n else 0 for p, n in zip(positions, lengths)]
+
+
+def _canvas_row(tokens: list, start: int) -> tuple:
+    """A row's canvas tokens ([1, 1, n, 1]) and their positions."""
     tokens = mx.array(tokens, dtype=mx.int32).reshape(1, 1, -1, 1)
-    return _entry(tokens, start + mx.arange(tokens.shape[2], dtype=mx.int32).reshape(tokens.shape))
+    return tokens, start + mx.arange(tokens.shape[2], dtype=mx.int32).reshape(tokens.shape)
 
 
-def _canvas(entry: ConcatenateKVCache) -> tuple:
-    """(tokens, position of the first) of the canvas tokens the cache holds."""
-    tokens, positions = entry.state
-    if tokens.shape[2] == 0:
-        return [], 0
-    return tokens.reshape(-1).tolist(), positions[0, 0, 0, 0].item()
+class _Substituted:
+    """A layer cache as the encoder writes it, taking the held keys and
+    values instead of the computed ones for the rows that feed their canvas."""
+
+    def __init__(self, cache, keys: mx.array, values: mx.array, held: mx.array):
+        self.cache, self.offset = cache, cache.offset
+        self.keys, self.values, self.held = keys, values, held[:, None, None, None]
+
+    def make_mask(self, *args, **kwargs):
+        return self.cache.make_mask(*args, **kwargs)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
+        return self.cache.update_and_fetch(mx.where(self.held, self.keys, keys), mx.where(self.held, self.values, values))
 
 
 class Model(DiffusionGemma):
@@ -83,7 +194,7 @@ class Model(DiffusionGemma):
             attention = layer.self_attn
             empty = mx.zeros((1, attention.n_kv_heads, 0, attention.head_dim), self.dtype)
             pending.append(_entry(empty, empty))
-        return layers + pending + [_canvas_entry([], 0)]
+        return layers + pending + [_entry(*_canvas_row([], 0))]
 
     def load_weights(self, weights, strict: bool = True):
         super().load_weights(weights, strict=strict)
@@ -103,30 +214,39 @@ class Model(DiffusionGemma):
         layers, pending, canvas = self._parts(cache)
         if input_embeddings is not None:
             raise ValueError("DiffusionGemma through mlx-lm takes token ids only (no input_embeddings)")
-        if inputs.ndim != 2 or inputs.shape[0] != 1:
-            raise ValueError(
-                f"DiffusionGemma through mlx-lm's loop generates one sequence at a time: inputs must have "
-                f"shape [1, L], got {tuple(inputs.shape)} (batched generation is not supported yet)"
-            )
-        ids = inputs[0].tolist()
-        tokens, start = _canvas(canvas)
-        index = layers[0].offset - start
-        if tokens and index >= 0 and tokens[index : index + len(ids)] == ids:
-            # canvas tokens fed back (again, after a trim): write their keys and values
-            for layer, entry in zip(layers, pending):
-                keys, values = entry.state
-                layer.update_and_fetch(keys[..., index : index + len(ids), :], values[..., index : index + len(ids), :])
+        B = len(_held(canvas)[2])
+        if inputs.ndim != 2 or inputs.shape[0] != B:
+            raise ValueError(f"inputs must have shape [{B}, L], one row per row of the cache, got {tuple(inputs.shape)}")
+        L = inputs.shape[1]
+        fed = inputs.tolist()
+        tokens, starts = _canvases(canvas)
+        offsets = _offsets(layers[0])
+        index = [o - s for o, s in zip(offsets, starts)]
+        held = [bool(t) and i >= 0 and t[i : i + L] == f for t, i, f in zip(tokens, index, fed)]
+        if all(held):  # canvas tokens fed back (again, after a trim): write their keys and values
+            for layer, (keys, values) in zip(layers, self._held_rows(pending, index, L)):
+                layer.update_and_fetch(keys, values)
             mx.eval([c.state for c in layers])
-        else:
-            self.encode(ids, layers)
-            tokens, start = self._hold(pending, canvas, [], 0)
-        if len(ids) > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
-            return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (1, len(ids), self.args.vocab_size))
-        if not tokens or layers[0].offset == start + len(tokens):
-            tokens, start = self._next_canvas(layers, pending, canvas)
-        logits = mx.full((1, 1, self.args.vocab_size), -mx.inf, self.dtype)
-        logits[..., tokens[layers[0].offset - start]] = 0.0
-        return logits
+        else:  # context: encoded, and a row's held canvases dropped
+            if any(held):
+                mask = mx.array(held)
+                layers_in = [_Substituted(c, *kv, mask) for c, kv in zip(layers, self._held_rows(pending, index, L))]
+                self.encode_chunk(inputs, layers_in)
+                mx.eval([c.state for c in layers])
+            else:
+                self.encode(inputs, layers)
+            dropped = [r for r in range(B) if not held[r]]
+            self._hold(pending, canvas, {r: ([], 0, None) for r in dropped})
+            for r in dropped:
+                tokens[r], starts[r] = [], 0
+        if L > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
+            return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (B, L, self.args.vocab_size))
+        offsets = [o + 1 for o in offsets]
+        needing = [r for r in range(B) if not tokens[r] or offsets[r] == starts[r] + len(tokens[r])]
+        if needing:
+            tokens, starts = self._next_canvases(needing, layers, pending, canvas, tokens, offsets)
+        token = mx.array([tokens[r][offsets[r] - starts[r]] for r in range(B)])[:, None, None]
+        return mx.where(mx.arange(self.args.vocab_size) == token, 0.0, -mx.inf).astype(self.dtype)
 
     def _parts(self, cache) -> tuple:
         """(layer caches, pending keys and values per layer, pending canvas)."""
@@ -138,46 +258,88 @@ class Model(DiffusionGemma):
             )
         layers = cache[:n]
         for i, c in enumerate(layers):
-            if not isinstance(c, (KVCache, RotatingKVCache)):
+            if not isinstance(c, LAYER_CACHES):
                 raise ValueError(
                     f"cache entry {i} is a {type(c).__name__}; DiffusionGemma needs the KVCache / RotatingKVCache "
-                    "of make_prompt_cache (a quantized KV cache, --kv-bits, is not supported)"
+                    "of make_prompt_cache, or mlx-lm's batch versions of them (a quantized KV cache, --kv-bits, "
+                    "is not supported)"
                 )
+        for i, c in enumerate(cache[n:], start=n):
+            if not isinstance(c, (ConcatenateKVCache, BatchHeld)):
+                raise ValueError(f"cache entry {i} is a {type(c).__name__}; expected the held canvas entries of make_cache")
         return layers, cache[n : 2 * n], cache[2 * n]
 
-    def _next_canvas(self, layers, pending, canvas) -> tuple:
-        """Denoise the next canvas against the cache, with the keys and values a
-        commit of the whole canvas would write, and hold it after the canvas
-        just fed (so that trimming back one token at a canvas boundary, as
-        mlx-lm's server does, and feeding it again still continues the text)."""
+    def _held_rows(self, pending, index: list, L: int) -> list:
+        """Per layer, each row's held keys and values at positions index[r] .. + L
+        ([B, h, L, d]; clipped for rows that hold none there)."""
+        written = []
+        for entry in pending:
+            keys, values, _ = _held(entry)
+            at = mx.clip(mx.array(index)[:, None] + mx.arange(L), 0, max(keys.shape[2] - 1, 0))[:, None, :, None]
+            written.append(tuple(mx.take_along_axis(a, at, axis=2) for a in (keys, values)))
+        return written
+
+    def _next_canvases(self, rows: list, layers, pending, canvas, tokens: list, offsets: list) -> tuple:
+        """Denoise the next canvas of these rows together against their
+        context, with the keys and values a commit of the whole canvas would
+        write, and hold it after the canvas just fed (so that trimming back
+        one token at a canvas boundary, as mlx-lm's server does, and feeding
+        it again still continues the text)."""
         C = self.args.canvas_length
-        new = self._denoise(layers)
-        new_rows = self.lookahead(new, layers)
-        previous, start = _canvas(canvas)
-        kept = previous[-C:]
-        rows = [
-            tuple(mx.concatenate([old[..., len(previous) - len(kept) :, :], added], axis=2)
-                  for old, added in zip(entry.state, added_rows))
-            for entry, added_rows in zip(pending, new_rows)
-        ]
-        return self._hold(pending, canvas, kept + new, layers[0].offset - len(kept), rows)
+        B = len(tokens)
+        own = layers if len(rows) == B else [_keep_rows(c, mx.array(rows)) for c in layers]
+        new = self._denoise(own)
+        added = self.lookahead(new, own)
+        held = {}
+        for i, (r, canvas_tokens) in enumerate(zip(rows, new.tolist())):
+            kept = tokens[r][-C:]
+            held[r] = (kept + canvas_tokens, offsets[r] - len(kept), [(k[i : i + 1], v[i : i + 1]) for k, v in added])
+        return self._hold(pending, canvas, held)
 
-    def _hold(self, pending, canvas, tokens: list, start: int, rows=None) -> tuple:
-        """Make `tokens` (from position `start`, with their keys and values per
-        layer) the canvas tokens the cache holds; no rows: none held."""
-        if rows is None:
-            rows = [tuple(a[..., :0, :] for a in entry.state) for entry in pending]
-        for entry, keys_and_values in zip(pending, rows):
-            entry.state = keys_and_values
-        canvas.state = _canvas_entry(tokens, start).state
+    def _hold(self, pending, canvas, rows: dict) -> tuple:
+        """Hold, for each row in `rows`, its tokens (from position start) and
+        the keys and values per layer they add after what the row keeps of
+        its canvases (None: nothing kept, nothing added). Returns every
+        row's (tokens, starts)."""
+        tokens, starts = _canvases(canvas)
+        for layer, entry in enumerate(pending):
+            keys, values, lengths = _held(entry)
+            new_rows = []
+            for r in range(len(lengths)):
+                old_keys, old_values = keys[r : r + 1, :, : lengths[r]], values[r : r + 1, :, : lengths[r]]
+                if r in rows:
+                    new_tokens, _, added = rows[r]
+                    n = len(new_tokens) - (0 if added is None else added[layer][0].shape[2])
+                    old_keys, old_values = old_keys[:, :, lengths[r] - n : lengths[r]], old_values[:, :, lengths[r] - n : lengths[r]]
+                    if added is not None:
+                        old_keys = mx.concatenate([old_keys, added[layer][0]], axis=2)
+                        old_values = mx.concatenate([old_values, added[layer][1]], axis=2)
+                new_rows.append((old_keys, old_values))
+            _hold(entry, new_rows)
+        for r, (new_tokens, start, _) in rows.items():
+            tokens[r], starts[r] = new_tokens, start
+        _hold(canvas, [_canvas_row(t, s) for t, s in zip(tokens, starts)])
         mx.eval([entry.state for entry in pending], canvas.state)
-        return tokens, start
+        return tokens, starts
 
-    def _denoise(self, cache) -> list:
+    def _denoise(self, cache) -> mx.array:
+        """A canvas per row of `cache` ([B, C] ids), as the reference denoises it."""
         options = DiffusionOptions.resolve(self, None, {})
         stopping = StableAndConfidentStopping(options.stability_threshold, options.confidence_threshold)
-        randomness = Randomness()
-        canvas = randomness.uniform_ids((1, self.args.canvas_length), self.args.vocab_size)
-        for _, argmax, _, _ in denoise_canvas(self, cache, canvas, options, randomness, options.make_acceptance(), stopping):
-            pass
-        return argmax[0].tolist()
+        B = _rows(cache[0])
+        randomness = Randomness(rows=B)
+        canvas = randomness.uniform_ids((B, self.args.canvas_length), self.args.vocab_size)
+        final = [None] * B
+        for rows, argmax, _, _ in denoise_canvas(self, cache, canvas, options, randomness, options.make_acceptance(), stopping):
+            for i, r in enumerate(rows):
+                final[r] = argmax[i]
+        return mx.stack(final)
+
+
+def _offsets(cache) -> list:
+    """Each row's count of tokens in a layer cache."""
+    return cache.offset.tolist() if isinstance(cache.offset, mx.array) else [cache.offset]
+
+
+def _rows(cache) -> int:
+    return cache.offset.size if isinstance(cache.offset, mx.array) else 1

@@ -195,24 +195,32 @@ class ModelArgs(BaseModelArgs):
         )
 
 
-def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
-    """A chunk's keys and values after the cached context, in temporal order,
-    the cache untouched. A sliding layer keeps the last `window - 1` context
-    tokens, as the reference's sliding cache does; a full layer keeps them all.
-    In a batch's BatchRotatingKVCache each row's context ends at the same
-    index (left padding)."""
-    if cache.keys is None:
-        return keys, values
+def _context(cache) -> tuple:
+    """The cached context's keys and values, in temporal order, as a chunk
+    after it attends to them: a sliding layer's last `window - 1` tokens, as
+    the reference's sliding cache keeps them; a full layer's all. In a
+    batch's BatchRotatingKVCache each row's context ends at the same index
+    (left padding)."""
     if isinstance(cache, BatchRotatingKVCache):
         past_keys, past_values = (_temporal_order(cache, v) for v in (cache.keys, cache.values))
     elif isinstance(cache, RotatingKVCache):
         # the one private name the model uses; mlx-lm is pinned below 0.33 for it
         past_keys, past_values = (cache._temporal_order(v) for v in (cache.keys, cache.values))
+    elif isinstance(cache, BatchKVCache):
+        past_keys, past_values = cache.keys_and_values()
     else:
         past_keys, past_values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
     if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)):
         first = past_keys.shape[2] - min(cache.max_size - 1, past_keys.shape[2])
         past_keys, past_values = past_keys[..., first:, :], past_values[..., first:, :]
+    return past_keys, past_values
+
+
+def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
+    """A chunk's keys and values after the cached context, the cache untouched."""
+    if cache.keys is None:
+        return keys, values
+    past_keys, past_values = _context(cache)
     return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
 
 
@@ -261,17 +269,35 @@ def _padding_mask(real: mx.array, context: int, canvas: int) -> mx.array:
     return (mx.arange(context + canvas)[None] >= start[:, None])[:, None, None, :]
 
 
+def _chunk_mask(real: mx.array, context: int, length: int, window: Optional[int]) -> mx.array:
+    """[B, 1, L, context + L] for a causal chunk after a batch's context:
+    query i (at context + i) sees the keys up to itself, within the sliding
+    window if any, and none of the padding before a row's real tokens."""
+    query = context + mx.arange(length)[:, None]
+    key = mx.arange(context + length)[None]
+    mask = key <= query
+    if window is not None:
+        mask = mask & (key > query - window)
+    return mask[None, None] & _padding_mask(real, context, length)
+
+
 class _Lookahead:
     """A layer cache as the encoder sees it, with the encoder's write set
     aside instead of applied: the chunk attends to the same keys, under the
-    same mask, as `update_and_fetch` would give it."""
+    same mask, as `update_and_fetch` would give it. A batch's mask is built
+    here from each row's real token count: mlx-lm 0.32's BatchRotatingKVCache
+    masks a multi-token chunk wrongly once one-token writes have wrapped its
+    ring (mlx-lm's decode loop writes one token at a time)."""
 
     def __init__(self, cache):
         self.cache, self.offset = cache, cache.offset
         self.keys = self.values = None
 
-    def make_mask(self, *args, **kwargs):
-        return self.cache.make_mask(*args, **kwargs)
+    def make_mask(self, N: int, window_size: Optional[int] = None, **kwargs):
+        if not isinstance(self.cache, (BatchKVCache, BatchRotatingKVCache)):
+            return self.cache.make_mask(N, window_size=window_size, **kwargs)
+        context = 0 if self.cache.keys is None else _context(self.cache)[0].shape[2]
+        return _chunk_mask(self.cache.offset, context, N, window_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         self.keys, self.values = keys, values

@@ -7,7 +7,8 @@ model, written against our small reference checkpoint; the ones that do not
 apply are asserted to fail with a clear error instead:
 - `model(inputs)` without a cache (per-position autoregressive logits): a
   diffusion model denoises a canvas against a cache; it has no such logits.
-- batch size > 1 through `model(...)`: batched generation is not built yet.
+- batch size > 1 through `model(...)` with a one-row cache: a batch goes
+  through mlx-lm's batch caches (tests/test_mlx_lm_batch.py).
 - a quantized KV cache (`QuantizedKVCache`, `to_quantized`, `--kv-bits`):
   the decoder reads the cached keys and values directly.
 """
@@ -60,7 +61,7 @@ def test_model_runner(chat_checkpoint, dtype):
 def test_what_does_not_apply_fails_clearly(model):
     with pytest.raises(ValueError, match="cache"):
         model(mx.array([[0, 1]]))
-    with pytest.raises(ValueError, match="one sequence at a time"):
+    with pytest.raises(ValueError, match="one row per row of the cache"):
         model(mx.array([[0, 1], [2, 3]]), cache=make_prompt_cache(model))
     cache = make_prompt_cache(model)
     model(mx.array([[0, 1]]), cache=cache)

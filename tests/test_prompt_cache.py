@@ -181,7 +181,7 @@ def test_lookahead_gives_the_keys_and_values_encode_writes(chat_checkpoint):
 def test_bad_calls_get_clear_errors(narrow_window):
     model = narrow_window
     cache = make_prompt_cache(model)
-    with pytest.raises(ValueError, match=r"one sequence at a time.*\(2, 2\)"):
+    with pytest.raises(ValueError, match=r"shape \[1, L\], one row per row of the cache.*\(2, 2\)"):
         model(mx.array([[0, 1], [2, 3]]), cache=cache)
     with pytest.raises(ValueError, match="make_prompt_cache"):
         model(mx.array([[0, 1]]), cache=model.make_cache()[:4])
