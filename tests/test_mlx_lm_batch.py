@@ -82,6 +82,7 @@ def _run(generator, prompts, **insert) -> dict:
     return [tokens[uid] for uid in uids], [finished[uid] for uid in uids]
 
 
+@pytest.mark.parametrize("separated", [8], indirect=True)  # the rings wrap
 def test_rows_together_draw_as_our_batch(separated):
     model, lengths = separated, []
     for seed in (1, 3):  # seed 1: a row stops at eos after 5 tokens
