@@ -235,10 +235,7 @@ class Model(DiffusionGemma):
                 mx.eval([c.state for c in layers])
             else:
                 self.encode(inputs, layers)
-            dropped = [r for r in range(B) if not held[r]]
-            self._hold(pending, canvas, {r: ([], 0, None) for r in dropped})
-            for r in dropped:
-                tokens[r], starts[r] = [], 0
+            tokens, starts = self._hold(pending, canvas, {r: (0, 0, [], []) for r in range(B) if not held[r]})
         if L > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
             return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (B, L, self.args.vocab_size))
         offsets = [o + 1 for o in offsets]
@@ -290,34 +287,32 @@ class Model(DiffusionGemma):
         own = layers if len(rows) == B else [_keep_rows(c, mx.array(rows)) for c in layers]
         new = self._denoise(own)
         added = self.lookahead(new, own)
-        held = {}
+        changes = {}
         for i, (r, canvas_tokens) in enumerate(zip(rows, new.tolist())):
-            kept = tokens[r][-C:]
-            held[r] = (kept + canvas_tokens, offsets[r] - len(kept), [(k[i : i + 1], v[i : i + 1]) for k, v in added])
-        return self._hold(pending, canvas, held)
+            kept = min(C, len(tokens[r]))
+            changes[r] = (kept, offsets[r] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
+        return self._hold(pending, canvas, changes)
 
-    def _hold(self, pending, canvas, rows: dict) -> tuple:
-        """Hold, for each row in `rows`, its tokens (from position start) and
-        the keys and values per layer they add after what the row keeps of
-        its canvases (None: nothing kept, nothing added). Returns every
-        row's (tokens, starts)."""
+    def _hold(self, pending, canvas, changes: dict) -> tuple:
+        """Change what some rows hold: changes[r] = (kept, start, new_tokens,
+        new_keys_and_values): row r keeps the last `kept` of its held tokens
+        (with their keys and values), then holds the new tokens and, per
+        layer, their keys and values ([] when none), the first kept token at
+        position `start`. Returns every row's (tokens, starts)."""
         tokens, starts = _canvases(canvas)
         for layer, entry in enumerate(pending):
             keys, values, lengths = _held(entry)
-            new_rows = []
-            for r in range(len(lengths)):
-                old_keys, old_values = keys[r : r + 1, :, : lengths[r]], values[r : r + 1, :, : lengths[r]]
-                if r in rows:
-                    new_tokens, _, added = rows[r]
-                    n = len(new_tokens) - (0 if added is None else added[layer][0].shape[2])
-                    old_keys, old_values = old_keys[:, :, lengths[r] - n : lengths[r]], old_values[:, :, lengths[r] - n : lengths[r]]
-                    if added is not None:
-                        old_keys = mx.concatenate([old_keys, added[layer][0]], axis=2)
-                        old_values = mx.concatenate([old_values, added[layer][1]], axis=2)
-                new_rows.append((old_keys, old_values))
-            _hold(entry, new_rows)
-        for r, (new_tokens, start, _) in rows.items():
-            tokens[r], starts[r] = new_tokens, start
+            rows = []
+            for r, n in enumerate(lengths):
+                kept, _, _, added = changes.get(r, (n, None, None, []))
+                row = (keys[r : r + 1, :, n - kept : n], values[r : r + 1, :, n - kept : n])
+                if added:
+                    row = tuple(mx.concatenate([old, new], axis=2) for old, new in zip(row, added[layer]))
+                rows.append(row)
+            _hold(entry, rows)
+        for r, (kept, start, new_tokens, _) in changes.items():
+            tokens[r] = tokens[r][len(tokens[r]) - kept :] + new_tokens
+            starts[r] = start
         _hold(canvas, [_canvas_row(t, s) for t, s in zip(tokens, starts)])
         mx.eval([entry.state for entry in pending], canvas.state)
         return tokens, starts
