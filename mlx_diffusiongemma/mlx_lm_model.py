@@ -88,7 +88,7 @@ class BatchHeld:
     def merge(cls, entries: list) -> "BatchHeld":
         for entry in entries:
             if not isinstance(entry, ConcatenateKVCache) or entry.keys is None:
-                raise ValueError(f"cannot batch a held canvas entry of type {type(entry).__name__} with no arrays")
+                raise ValueError(f"a held canvas entry is a ConcatenateKVCache with arrays (from make_cache), got a {type(entry).__name__}")
         lengths = [entry.keys.shape[2] for entry in entries]
         N = max(lengths)
         return cls(_padded([e.keys for e in entries], N), _padded([e.values for e in entries], N), lengths)
@@ -113,7 +113,7 @@ class BatchHeld:
         self.keys, self.values = (_padded([row[i] for row in rows], N) for i in (0, 1))
 
     def prepare(self, **kwargs) -> None:
-        """Nothing to do: padded prompts never reach a held canvas."""
+        """Nothing to prepare: prompt tokens go to the layer caches, never to a held canvas."""
 
     def finalize(self) -> None:
         pass
