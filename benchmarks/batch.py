@@ -32,9 +32,12 @@ from mlx_diffusiongemma.model import Model, ModelArgs
 
 
 def best_time(fn, repeats: int) -> tuple:
+    """(best seconds, last output) of `repeats` calls after a warm-up; mlx's
+    global seed is set before each, so unseeded calls draw alike."""
     fn()  # warm-up: compilation, caches
     times, out = [], None
     for _ in range(repeats):
+        mx.random.seed(0)
         start = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - start)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
+from batch import best_time
 from mlx_lm.generate import BatchGenerator
 
 import mlx_diffusiongemma
@@ -43,17 +44,6 @@ from mlx_diffusiongemma.mlx_lm_model import Model
 
 DEMO = Path(mlx_diffusiongemma.__file__).parent / "demo_model"
 MAX_TOKENS = 16
-
-
-def best_time(fn, repeats: int) -> tuple:
-    fn()  # warm-up: compilation, caches
-    times, out = [], None
-    for _ in range(repeats):
-        mx.random.seed(0)
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def batch_generate(repeats: int) -> dict:

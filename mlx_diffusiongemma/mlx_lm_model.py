@@ -269,12 +269,9 @@ class Model(DiffusionGemma):
     def _held_rows(self, pending, index: list, L: int) -> list:
         """Per layer, each row's held keys and values at positions index[r] .. + L
         ([B, h, L, d]; clipped for rows that hold none there)."""
-        written = []
-        for entry in pending:
-            keys, values, _ = _held(entry)
-            at = mx.clip(mx.array(index)[:, None] + mx.arange(L), 0, max(keys.shape[2] - 1, 0))[:, None, :, None]
-            written.append(tuple(mx.take_along_axis(a, at, axis=2) for a in (keys, values)))
-        return written
+        last = max(_held(pending[0])[0].shape[2] - 1, 0)  # every layer's entry holds the same positions
+        at = mx.clip(mx.array(index)[:, None] + mx.arange(L), 0, last)[:, None, :, None]
+        return [tuple(mx.take_along_axis(a, at, axis=2) for a in _held(entry)[:2]) for entry in pending]
 
     def _next_canvases(self, rows: list, layers, pending, canvas, tokens: list, offsets: list) -> tuple:
         """Denoise the next canvas of these rows together against their

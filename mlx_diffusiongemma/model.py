@@ -218,10 +218,14 @@ def _context(cache) -> tuple:
 
 def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
     """A chunk's keys and values after the cached context, the cache untouched."""
-    if cache.keys is None:
+    return _appended(None if cache.keys is None else _context(cache), keys, values)
+
+
+def _appended(context: Optional[tuple], keys: mx.array, values: mx.array) -> tuple:
+    """Keys and values after a context's (None: no context)."""
+    if context is None:
         return keys, values
-    past_keys, past_values = _context(cache)
-    return mx.concatenate([past_keys, keys], axis=2), mx.concatenate([past_values, values], axis=2)
+    return tuple(mx.concatenate([past, new], axis=2) for past, new in zip(context, (keys, values)))
 
 
 def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
@@ -291,17 +295,18 @@ class _Lookahead:
 
     def __init__(self, cache):
         self.cache, self.offset = cache, cache.offset
+        self.context = None if cache.keys is None else _context(cache)
         self.keys = self.values = None
 
     def make_mask(self, N: int, window_size: Optional[int] = None, **kwargs):
         if not isinstance(self.cache, (BatchKVCache, BatchRotatingKVCache)):
             return self.cache.make_mask(N, window_size=window_size, **kwargs)
-        context = 0 if self.cache.keys is None else _context(self.cache)[0].shape[2]
+        context = 0 if self.context is None else self.context[0].shape[2]
         return _chunk_mask(self.cache.offset, context, N, window_size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
         self.keys, self.values = keys, values
-        return _with_context(self.cache, keys, values)
+        return _appended(self.context, keys, values)
 
 
 class Attention(nn.Module):
