@@ -16,7 +16,12 @@ Two ways in:
   canvas against that row's context (the reference sampler, random draws
   from mlx's global state, so `--seed` works), then hands the canvas out one
   token per call with logits that make any sampler pick exactly that token.
-  Rows of a batch that need a canvas at the same call are denoised together.
+  Rows of a batch that need a canvas at the same call are denoised together,
+  and with them the next canvas of every row that will need one within a
+  canvas (committed ahead: against its context and the rest of the canvas it
+  is handing out, whose keys and values are held), unless that rest holds an
+  eos id, where mlx-lm stops the row. Rows that join a batch apart then
+  share their denoising from their second canvas on.
 
 The cache invariant mlx-lm relies on (its server's prompt cache, trimming,
 saving, deep copies): once its loop has fed n tokens, the cache describes
@@ -26,9 +31,10 @@ keys and values of the canvas tokens (computed in one encoder pass when the
 canvas is denoised, as the reference commits a canvas), and one entry holding
 those tokens and their positions. Canvas tokens fed back at their positions
 are written into the layer caches from there: no encoder pass, and the same
-keys and values a whole-canvas commit writes. The last two canvases are
-held, so trimming back into them (mlx-lm's server trims one token and feeds
-it again) and feeding the same tokens continues the text. Anything else fed
+keys and values a whole-canvas commit writes. Held are the canvas of the last
+token fed, the rest, and at most one canvas ahead, so trimming back into them
+(mlx-lm's server trims one token and feeds it again) and feeding the same
+tokens continues the text. Anything else fed
 (a prompt, the next chat turn) is encoded as context, the held canvases are
 dropped, and the next canvas is denoised after it, as a fresh request would.
 
@@ -49,11 +55,19 @@ a one-token chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
 """
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, ConcatenateKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import (
+    BatchKVCache,
+    BatchRotatingKVCache,
+    ConcatenateKVCache,
+    KVCache,
+    RotatingKVCache,
+    dynamic_roll,
+)
 
 from .generate import DiffusionOptions, _keep_rows, denoise_canvas, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .model import Model as DiffusionGemma
+from .model import _context
 from .model import ModelArgs
 from .sampling import Randomness, StableAndConfidentStopping
 
@@ -239,9 +253,11 @@ class Model(DiffusionGemma):
         if L > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
             return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (B, L, self.args.vocab_size))
         offsets = [o + 1 for o in offsets]
-        needing = [r for r in range(B) if not tokens[r] or offsets[r] == starts[r] + len(tokens[r])]
-        if needing:
-            tokens, starts = self._next_canvases(needing, layers, pending, canvas, tokens, offsets)
+        to_hand_out = [s + len(t) - o if t else 0 for t, s, o in zip(tokens, starts, offsets)]
+        if 0 in to_hand_out:  # then also the rows that will need one within a canvas, ahead of time
+            C = self.args.canvas_length
+            rows = [r for r, n in enumerate(to_hand_out) if n == 0 or (n <= C and not self._stops(tokens[r][-n:]))]
+            tokens, starts = self._next_canvases(rows, layers, pending, canvas, tokens, starts, offsets)
         token = mx.array([tokens[r][offsets[r] - starts[r]] for r in range(B)])[:, None, None]
         return mx.where(mx.arange(self.args.vocab_size) == token, 0.0, -mx.inf).astype(self.dtype)
 
@@ -273,22 +289,65 @@ class Model(DiffusionGemma):
         at = mx.clip(mx.array(index)[:, None] + mx.arange(L), 0, last)[:, None, :, None]
         return [tuple(mx.take_along_axis(a, at, axis=2) for a in _held(entry)[:2]) for entry in pending]
 
-    def _next_canvases(self, rows: list, layers, pending, canvas, tokens: list, offsets: list) -> tuple:
-        """Denoise the next canvas of these rows together against their
-        context, with the keys and values a commit of the whole canvas would
-        write, and hold it after the canvas just fed (so that trimming back
-        one token at a canvas boundary, as mlx-lm's server does, and feeding
-        it again still continues the text)."""
+    def _next_canvases(self, rows: list, layers, pending, canvas, tokens: list, starts: list, offsets: list) -> tuple:
+        """Denoise the next canvas of these rows together, each against its
+        context and the rest of the canvas it is handing out (committed
+        ahead: those keys and values are held already), and hold it after
+        the canvas that holds the last token fed (so that trimming back one
+        token at a canvas boundary, as mlx-lm's server does, and feeding it
+        again still continues the text). The new canvas's keys and values are
+        the ones committing it would write."""
         C = self.args.canvas_length
-        B = len(tokens)
-        own = layers if len(rows) == B else [_keep_rows(c, mx.array(rows)) for c in layers]
+        ends = [starts[r] + len(tokens[r]) if tokens[r] else offsets[r] for r in rows]
+        rest = [end - offsets[r] for end, r in zip(ends, rows)]
+        if any(rest):
+            own = self._committed_ahead(layers, pending, rows, [offsets[r] - starts[r] for r in rows], rest)
+        elif len(rows) == len(tokens):
+            own = layers
+        else:
+            own = [_keep_rows(c, mx.array(rows)) for c in layers]
         new = self._denoise(own)
         added = self.lookahead(new, own)
         changes = {}
         for i, (r, canvas_tokens) in enumerate(zip(rows, new.tolist())):
-            kept = min(C, len(tokens[r]))
-            changes[r] = (kept, offsets[r] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
+            kept = len(tokens[r]) - (offsets[r] - 1 - starts[r]) // C * C if tokens[r] else 0
+            changes[r] = (kept, ends[i] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
         return self._hold(pending, canvas, changes)
+
+    def _committed_ahead(self, layers, pending, rows: list, at: list, counts: list) -> list:
+        """Per layer, a batch cache of `rows` as committing the held tokens
+        at[i] .. at[i] + counts[i] of row rows[i] would leave it, built from
+        their held keys and values (no encoder pass): each row's context,
+        then those tokens, real tokens ending at the same index (left
+        padding, as mlx-lm's BatchKVCache keeps rows), a sliding layer's
+        last window - 1 of them."""
+        index, R = mx.array(rows), max(counts)
+        everyone = [0] * len(_held(pending[0])[2])
+        for r, a in zip(rows, at):
+            everyone[r] = a
+        shift = mx.array([R - n for n in counts])[:, None]
+        caches = []
+        for c, held, kind in zip(layers, self._held_rows(pending, everyone, R), self.args.layer_types):
+            keys, values = (
+                dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)
+                for past, later in zip(_context(c), held)
+            )
+            if kind == "sliding_attention":
+                first = keys.shape[2] - min(self.args.sliding_window - 1, keys.shape[2])
+                keys, values = keys[..., first:, :], values[..., first:, :]
+            n, offset = keys.shape[2], c.offset[index] + mx.array(counts)
+            cache = BatchKVCache([0] * len(rows))
+            cache.state = (keys, values, offset, mx.maximum(n - offset, 0), n)
+            caches.append(cache)
+        return caches
+
+    def _stops(self, tokens: list) -> bool:
+        """Whether these tokens hold an eos id of the checkpoint's: mlx-lm
+        stops the row there, so a canvas ahead would be wasted."""
+        ids = set()
+        for eos in (self.args.eos_token_id, self.generation_config.get("eos_token_id", ())):
+            ids.update([eos] if isinstance(eos, int) else eos)
+        return not ids.isdisjoint(tokens)
 
     def _hold(self, pending, canvas, changes: dict) -> tuple:
         """Change what some rows hold: changes[r] = (kept, start, new_tokens,

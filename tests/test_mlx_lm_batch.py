@@ -43,6 +43,7 @@ from tiny_tokenizer import write_tokenizer
 from mlx_diffusiongemma import diffusion_generate
 from mlx_diffusiongemma.demo import problems, prompt_ids
 from mlx_diffusiongemma.mlx_lm_model import BatchHeld, _entry
+from mlx_diffusiongemma.model import GenerationConfig
 
 C = 12  # canvas length of the test checkpoints; sliding window 8
 RNG = np.random.default_rng(7)
@@ -128,6 +129,98 @@ def test_rows_joining_and_leaving_keep_their_own_cache(separated):
         else:
             again = generate_step(mx.array(rest[:1]), model, prompt_cache=cache, max_tokens=len(rest) - 1)
             assert [t for t, _ in again] == rest[1:]
+
+
+def _next(logits) -> list:
+    """Each row's token: the one the model's logits hand out."""
+    return mx.argmax(logits[:, -1], axis=-1).tolist()
+
+
+def _prefilled(model, prompt: list) -> list:
+    """A cache holding the prompt but its last token, as mlx-lm's loop leaves it before that token's call."""
+    cache = make_prompt_cache(model)
+    model(mx.array([prompt[:-1]]), cache=cache)
+    return cache
+
+
+def _held_canvas(cache) -> tuple:
+    held, start = cache[-1].state
+    return held.reshape(-1).tolist(), start[0, 0, 0, 0].item()
+
+
+def test_canvases_denoised_ahead_see_the_committed_context(separated):
+    """A row handing out its canvas when another needs one gets its next
+    canvas denoised with it, against its context and the rest of its canvas
+    (their held keys and values): the caches that denoising reads must be
+    the ones encoding those tokens would give, and the rows go on as if
+    each had committed alone."""
+    model, n = separated, len(separated.layers)
+    mx.random.seed(2)
+    a = _prefilled(model, PROMPTS[0])
+    tokens = [PROMPTS[0]]
+    for _ in range(4):  # row a alone: four tokens of its canvas handed out, three fed
+        tokens[0] = tokens[0] + _next(model(mx.array([tokens[0][-1:]]), cache=a))
+    held, start = _held_canvas(a)
+    fed = len(tokens[0]) - 1
+    rest = held[fed - start :]
+    assert rest[0] == tokens[0][-1] and 0 < len(rest) < C
+
+    batch = [x.merge([x, y]) for x, y in zip(a, _prefilled(model, PROMPTS[1]))]
+    tokens.append(PROMPTS[1])
+    layers, pending, _ = model._parts(batch)
+    ahead = model._committed_ahead(layers, pending, [0, 1], [fed - start, 0], [len(rest), 0])
+    canvas = mx.array(RNG.integers(0, 320, (2, C)))
+    for row, context in enumerate([tokens[0][:fed] + rest, PROMPTS[1][:-1]]):
+        alone = model.make_cache()
+        model.encode(mx.array(context), alone[:n])
+        np.testing.assert_allclose(_logits(model, ahead, canvas)[row], _logits(model, alone, canvas[row : row + 1])[0], atol=1e-4)
+        for (k, v), (k1, v1) in zip(model.lookahead(canvas, ahead), model.lookahead(canvas[row : row + 1], alone)):
+            np.testing.assert_allclose(np.array(k[row]), np.array(k1[0]), atol=1e-4)
+            np.testing.assert_allclose(np.array(v[row]), np.array(v1[0]), atol=1e-4)
+
+    def step(cache):
+        for row, token in enumerate(_next(model(mx.array([t[-1:] for t in tokens]), cache=cache))):
+            tokens[row] = tokens[row] + [token]
+
+    step(batch)  # b needs a canvas: a's next one is denoised with it
+    held, start = batch[-1].row(0)[0].reshape(-1).tolist(), batch[-1].row(0)[1][0, 0, 0, 0].item()
+    assert held[fed - start :] == rest + held[fed - start + len(rest) :] and len(held) - (fed - start) == len(rest) + C
+    for _ in range(len(rest) - 2):
+        step(batch)
+    # a third row joins just as a reaches the canvas denoised ahead: a's next is
+    # denoised ahead again, keeping the canvas whose last token a feeds now
+    batch = [x.merge([x.extract(0), x.extract(1), y]) for x, y in zip(batch, _prefilled(model, PROMPTS[2]))]
+    tokens.append(PROMPTS[2])
+    step(batch)
+    assert tokens[0][fed:] == rest + held[fed - start + len(rest) :][:1]
+    assert batch[-1].lengths == [3 * C, 2 * C, C]  # a: the canvas fed, the one handed out, the one ahead
+    for _ in range(3):
+        step(batch)
+    for row in range(3):
+        extracted = [c.extract(row) for c in batch]
+        alone = model.make_cache()
+        model.encode(mx.array(tokens[row][:-1]), alone[:n])
+        np.testing.assert_allclose(_logits(model, extracted, canvas[:1]), _logits(model, alone, canvas[:1]), atol=1e-4)
+        if row == 0 and can_trim_prompt_cache(extracted):  # trimmed back to a's boundary and fed again, as the server does
+            trim_prompt_cache(extracted, 4)
+            assert _next(model(mx.array([tokens[0][-5:-4]]), cache=extracted)) == tokens[0][-4:-3]
+
+
+def test_no_canvas_ahead_past_an_eos(separated, monkeypatch):
+    """mlx-lm stops a row at its eos, so a row whose canvas holds one gets
+    no canvas ahead: it would never be handed out."""
+    model = separated
+    mx.random.seed(2)
+    a = _prefilled(model, PROMPTS[0])
+    last = _next(model(mx.array([PROMPTS[0][-1:]]), cache=a))
+    held, _ = _held_canvas(a)
+    batch = [x.merge([x, y]) for x, y in zip(a, _prefilled(model, PROMPTS[1]))]
+    monkeypatch.setattr(model, "generation_config", GenerationConfig({"eos_token_id": [held[-1]]}))
+    model(mx.array([last, PROMPTS[1][-1:]]), cache=batch)
+    assert batch[-1].lengths == [C, C]
+    monkeypatch.setattr(model, "generation_config", GenerationConfig({"eos_token_id": [held[-1] + 1]}))
+    model(mx.array([held[1:2], [0]]), cache=batch)  # b's token is not its canvas's: b is encoded and needs one
+    assert batch[-1].lengths == [2 * C, C]
 
 
 def test_batch_generate_answers_the_demo_as_alone():
