@@ -12,6 +12,13 @@
   batch; and how many rows each canvas denoising took there and in
   batch_generate (rows share a denoising only when they need a canvas at the
   same step).
+- several canvases, joining one per step: the speed issue's tiny
+  configuration (random weights, no eos, 16 denoising steps a canvas), 8
+  prompts of 64 tokens, 3 canvases each, joining mlx-lm's `BatchGenerator`
+  one per step, against `generate_step` once per prompt. Rows that join
+  apart need their first canvas apart; from then on each row's next canvas
+  is denoised ahead with whichever rows need one, so the rows fall into
+  step: rows per denoising call says how far.
 - server: `mlx_lm.server` (its defaults) on loopback serving the same 16
   problems as chat requests without a seed (those are the ones it batches),
   one after another, then all at once: wall time of each, and whether every
@@ -35,12 +42,15 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 from batch import best_time
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, generate_step
+from speed import MODELS
 
 import mlx_diffusiongemma
 from mlx_diffusiongemma.demo import problems, prompt_ids
-from mlx_diffusiongemma.mlx_lm_model import Model
+from mlx_diffusiongemma.mlx_lm_model import Model, ModelArgs
+from mlx_diffusiongemma.model import GenerationConfig
 
 DEMO = Path(mlx_diffusiongemma.__file__).parent / "demo_model"
 MAX_TOKENS = 16
@@ -65,11 +75,12 @@ def batch_generate(repeats: int) -> dict:
         row[f"same answers as one by one ({name})"] = sum(a == b for a, b in zip(singles, batch))
         row[f"batch / one by one, tokens/s ({name})"] = (tokens(batch) / seconds) / (tokens(singles) / one)
     # the server's case: prompts arriving apart, each joining the batch a step after the one before
-    seconds, staggered = best_time(lambda: _joining_one_per_step(model, tokenizer, prompts), repeats)
+    stop = [[t] for t in tokenizer.eos_token_ids]
+    seconds, staggered = best_time(lambda: _texts(tokenizer, _joining_one_per_step(model, prompts, stop, MAX_TOKENS)), repeats)
     row["correct, joining one per step"] = correct(staggered)
     row["batch / one by one, tokens/s (joining one per step)"] = (tokens(staggered) / seconds) / (tokens(singles) / one)
     row["rows per denoising call (joining one per step)"] = _mean(_rows_per_denoising_call(
-        lambda: _joining_one_per_step(model, tokenizer, prompts)))
+        lambda: _joining_one_per_step(model, prompts, stop, MAX_TOKENS)))
     row["rows per denoising call (defaults)"] = _mean(_rows_per_denoising_call(
         lambda: mlx_lm.batch_generate(model, tokenizer, prompts, max_tokens=MAX_TOKENS)))
     row["one by one tokens/s"] = tokens(singles) / one
@@ -80,8 +91,40 @@ def _mean(values: list) -> float:
     return sum(values) / len(values)
 
 
-def _joining_one_per_step(model, tokenizer, prompts: list) -> list:
-    generator = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids], max_tokens=MAX_TOKENS)
+def several_canvases(repeats: int) -> dict:
+    spec = MODELS["tiny"]
+    text = {**spec["text"], "eos_token_id": []}  # random weights: generate every canvas
+    model = Model(ModelArgs.from_dict({"model_type": "diffusion_gemma", "canvas_length": spec["canvas_length"], "text_config": text}))
+    model.generation_config = GenerationConfig({"max_denoising_steps": 16})
+    mx.eval(model.parameters())
+    max_tokens = 3 * model.args.canvas_length
+    prompts = np.random.default_rng(0).integers(3, model.args.vocab_size, (8, 64)).tolist()
+
+    def one_by_one():
+        return [[t for t, _ in generate_step(mx.array(p), model, max_tokens=max_tokens)] for p in prompts]
+
+    one, singles = best_time(one_by_one, repeats)
+    joined_s, joined = best_time(lambda: _joining_one_per_step(model, prompts, [], max_tokens), repeats)
+    assert all(len(t) == max_tokens for t in singles + joined)
+    return {
+        "prompts": len(prompts),
+        "tokens each": max_tokens,
+        "one by one s": one,
+        "joining one per step s": joined_s,
+        "joining / one by one (tokens/s)": one / joined_s,
+        "rows per denoising call (joining one per step)": _mean(_rows_per_denoising_call(
+            lambda: _joining_one_per_step(model, prompts, [], max_tokens))),
+    }
+
+
+def _texts(tokenizer, tokens: list) -> list:
+    return [tokenizer.decode(t) for t in tokens]
+
+
+def _joining_one_per_step(model, prompts: list, stop_tokens: list, max_tokens: int) -> list:
+    """Each prompt's generated tokens, the prompts joining mlx-lm's
+    BatchGenerator one after each of its steps."""
+    generator = BatchGenerator(model, stop_tokens=stop_tokens, max_tokens=max_tokens)
     waiting, uids, tokens = list(prompts), [], {}
     while True:
         if waiting:
@@ -91,7 +134,7 @@ def _joining_one_per_step(model, tokenizer, prompts: list) -> list:
             if r.finish_reason != "stop":
                 tokens.setdefault(r.uid, []).append(r.token)
         if not responses and not waiting:
-            return [tokenizer.decode(tokens.get(uid, [])) for uid in uids]
+            return [tokens.get(uid, []) for uid in uids]
 
 
 def _rows_per_denoising_call(run) -> list:
@@ -166,7 +209,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    for name, run in (("mlx_lm.batch_generate, demo, 16 prompts", batch_generate), ("mlx_lm.server, demo, 16 requests", server)):
+    for name, run in (
+        ("mlx_lm.batch_generate, demo, 16 prompts", batch_generate),
+        ("several canvases, tiny-body, 8 prompts", several_canvases),
+        ("mlx_lm.server, demo, 16 requests", server),
+    ):
         print(f"{name}:")
         for k, v in run(args.repeats).items():
             print(f"  {k:48s} {v:10.3f}" if isinstance(v, float) else f"  {k:48s} {v:10d}")

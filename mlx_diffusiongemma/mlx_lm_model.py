@@ -64,7 +64,7 @@ from mlx_lm.models.cache import (
     dynamic_roll,
 )
 
-from .generate import DiffusionOptions, _keep_rows, denoise_canvas, stream_diffusion_generate
+from .generate import DiffusionOptions, denoise_canvas, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .model import Model as DiffusionGemma
 from .model import _context
@@ -300,12 +300,10 @@ class Model(DiffusionGemma):
         C = self.args.canvas_length
         ends = [starts[r] + len(tokens[r]) if tokens[r] else offsets[r] for r in rows]
         rest = [end - offsets[r] for end, r in zip(ends, rows)]
-        if any(rest):
-            own = self._committed_ahead(layers, pending, rows, [offsets[r] - starts[r] for r in rows], rest)
-        elif len(rows) == len(tokens):
+        if isinstance(layers[0], (BatchKVCache, BatchRotatingKVCache)):
+            own = self._denoising_caches(layers, pending, rows, [offsets[r] - starts[r] for r in rows], rest)
+        else:  # one sequence, holding nothing to hand out
             own = layers
-        else:
-            own = [_keep_rows(c, mx.array(rows)) for c in layers]
         new = self._denoise(own)
         added = self.lookahead(new, own)
         changes = {}
@@ -314,30 +312,33 @@ class Model(DiffusionGemma):
             changes[r] = (kept, ends[i] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
         return self._hold(pending, canvas, changes)
 
-    def _committed_ahead(self, layers, pending, rows: list, at: list, counts: list) -> list:
+    def _denoising_caches(self, layers, pending, rows: list, at: list, counts: list) -> list:
         """Per layer, a batch cache of `rows` as committing the held tokens
         at[i] .. at[i] + counts[i] of row rows[i] would leave it, built from
         their held keys and values (no encoder pass): each row's context,
         then those tokens, real tokens ending at the same index (left
         padding, as mlx-lm's BatchKVCache keeps rows), a sliding layer's
-        last window - 1 of them."""
-        index, R = mx.array(rows), max(counts)
+        last window - 1 of them. Only as much padding as the longest row
+        needs: mlx-lm's BatchRotatingKVCache keeps what each row joining
+        added, and attention would read it at every step. Room for the
+        canvas after it, which each step writes there and takes back."""
+        index, R, C = mx.array(rows), max(counts), self.args.canvas_length
         everyone = [0] * len(_held(pending[0])[2])
         for r, a in zip(rows, at):
             everyone[r] = a
         shift = mx.array([R - n for n in counts])[:, None]
+        offset = layers[0].offset[index] + mx.array(counts)  # every layer holds the same tokens
+        longest = max(offset.tolist())
         caches = []
         for c, held, kind in zip(layers, self._held_rows(pending, everyone, R), self.args.layer_types):
+            real = min(longest, self.args.sliding_window - 1) if kind == "sliding_attention" else longest
             keys, values = (
-                dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)
+                dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)[..., -real:, :]
                 for past, later in zip(_context(c), held)
             )
-            if kind == "sliding_attention":
-                first = keys.shape[2] - min(self.args.sliding_window - 1, keys.shape[2])
-                keys, values = keys[..., first:, :], values[..., first:, :]
-            n, offset = keys.shape[2], c.offset[index] + mx.array(counts)
+            keys, values = (mx.pad(a, [(0, 0), (0, 0), (0, C), (0, 0)]) for a in (keys, values))
             cache = BatchKVCache([0] * len(rows))
-            cache.state = (keys, values, offset, mx.maximum(n - offset, 0), n)
+            cache.state = (keys, values, offset, real - mx.minimum(offset, real), real)
             caches.append(cache)
         return caches
 

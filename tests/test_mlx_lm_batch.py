@@ -168,7 +168,7 @@ def test_canvases_denoised_ahead_see_the_committed_context(separated):
     batch = [x.merge([x, y]) for x, y in zip(a, _prefilled(model, PROMPTS[1]))]
     tokens.append(PROMPTS[1])
     layers, pending, _ = model._parts(batch)
-    ahead = model._committed_ahead(layers, pending, [0, 1], [fed - start, 0], [len(rest), 0])
+    ahead = model._denoising_caches(layers, pending, [0, 1], [fed - start, 0], [len(rest), 0])
     canvas = mx.array(RNG.integers(0, 320, (2, C)))
     for row, context in enumerate([tokens[0][:fed] + rest, PROMPTS[1][:-1]]):
         alone = model.make_cache()
