@@ -333,10 +333,10 @@ class Model(DiffusionGemma):
         for c, held, kind in zip(layers, self._held_rows(pending, everyone, R), self.args.layer_types):
             real = min(longest, self.args.sliding_window - 1) if kind == "sliding_attention" else longest
             keys, values = (
-                dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)[..., -real:, :]
+                dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)
                 for past, later in zip(_context(c), held)
             )
-            keys, values = (mx.pad(a, [(0, 0), (0, 0), (0, C), (0, 0)]) for a in (keys, values))
+            keys, values = (mx.pad(a[..., a.shape[2] - real :, :], [(0, 0), (0, 0), (0, C), (0, 0)]) for a in (keys, values))
             cache = BatchKVCache([0] * len(rows))
             cache.state = (keys, values, offset, real - mx.minimum(offset, real), real)
             caches.append(cache)
