@@ -25,10 +25,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.models.switch_layers import SwitchLinear
 from reference import build_reference, save_reference
 
 from mlx_diffusiongemma import load, load_model, quantize, save_model
 from mlx_diffusiongemma.cli import main as cli_main
+from mlx_diffusiongemma.model import _keep_inputs, _keep_outputs
 from tiny_tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,3 +220,22 @@ def test_a_group_of_one_loads_the_whole_model(checkpoints):
 def test_adapters_cannot_join_a_sharded_model(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="LoRA adapters cannot be applied to a sharded model"):
         load(checkpoints["float"], adapter_path=tmp_path, tensor_group=mx.distributed.init())
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("affine", 3, 32), ("affine", 4, 64), ("affine", 6, 64),
+                                                  ("affine", 8, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32),
+                                                  ("nvfp4", 4, 16)])
+def test_quantized_shares_dequantize_to_the_whole_weights_slices(mode, bits, group_size):
+    # a share of packed words, scales and biases is the same share of the weights
+    layer = SwitchLinear(256, 48, 3, bias=False).to_quantized(group_size=group_size, bits=bits, mode=mode)
+
+    def weights():
+        return np.array(mx.dequantize(layer.weight, layer.scales, layer.get("biases"), group_size=group_size,
+                                      bits=bits, mode=mode).astype(mx.float32))
+
+    whole = weights()
+    _keep_inputs(layer, 2 * group_size, 4 * group_size, 256)
+    np.testing.assert_array_equal(weights(), whole[..., 2 * group_size : 4 * group_size])
+    _keep_outputs(layer, [(4, 10), (30, 36)])
+    expected = whole[..., 2 * group_size : 4 * group_size]
+    np.testing.assert_array_equal(weights(), np.concatenate([expected[:, 4:10], expected[:, 30:36]], axis=1))
