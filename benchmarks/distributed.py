@@ -8,6 +8,7 @@ for the released 26B configuration and counted on loopback with a small model.
    (one decoder pass with self-conditioning) and per commit (one encoder pass
    over the canvas), the bytes each rank sends in mlx's ring all-reduce
    (2 (N - 1) / N of the payload) and what that costs at a link's bandwidth.
+   And the GB of weights each rank holds (the 4-bit recipe).
 2. One rank's expert work at 2 ranks, in one process: each expert's width
    halved (what `Model.shard` does) against half the experts, whole.
 3. Then it runs itself on two ranks (`mlx.launch -n 2 --backend ring` on
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten, tree_map
 
+from mlx_diffusiongemma import quantize
 from mlx_diffusiongemma.model import Experts, Model, ModelArgs, _keep_intermediate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +92,34 @@ def arithmetic(steps: int) -> None:
               + ", ".join(f"{sent / bw:.2f} s over {name}" for name, bw in LINKS.items()))
     print("Each all-reduce also pays the link's latency once: every 100 us of it adds "
           f"{totals(all_reduces(model, 2, C, True, bf16))[0] * 0.1:.1f} ms to a step.")
+
+
+class Rank:
+    """What `Model.shard` reads of a group, for sizing shares in one process
+    (the weights are never evaluated, so nothing is sent or allocated)."""
+
+    def __init__(self, size: int, rank: int):
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def weights_per_rank() -> None:
+    """GB each rank holds of the 26B model in the mlx-community 4-bit recipe (bfloat16 otherwise)."""
+    print("\n26B, mlx-community 4-bit recipe: weights held per rank (GB)")
+    for N in (1, 2, 4):
+        held = []
+        for rank in range(N):
+            model = Model(ModelArgs.from_dict(REAL))
+            model.update(tree_map(lambda a: a.astype(mx.bfloat16), model.parameters()))
+            quantize(model, bits=4)
+            model.shard(Rank(N, rank))
+            held.append(sum(a.nbytes for _, a in tree_flatten(model.parameters())) / 1e9)
+        print(f"  {N} rank(s): " + ", ".join(f"{gb:.2f}" for gb in held))
 
 
 def experts_split(repeats: int = 3) -> None:
@@ -226,6 +257,7 @@ def main():
         loopback()
         return
     arithmetic(args.steps)
+    weights_per_rank()
     experts_split()
     if not args.no_launch:
         launch()
