@@ -741,6 +741,8 @@ class Model(nn.Module):
         Attention whose heads cannot split evenly (`Attention.splits`) stays
         whole on every rank. A block narrower than the group (in quantization
         groups) is an error naming it, raised before any weight changes."""
+        if any(layer.sharding_group is not None for layer in self.layers):
+            raise ValueError("the model is sharded already: shard a whole model, once")
         group = group or mx.distributed.init()
         if group.size() == 1:
             return

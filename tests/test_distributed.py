@@ -209,6 +209,14 @@ def test_shard_refuses_a_group_wider_than_a_block_and_changes_nothing(checkpoint
         np.testing.assert_array_equal(np.array(after[key]), value, err_msg=key)
 
 
+def test_a_sharded_model_is_not_sharded_again(checkpoints):
+    model = load_model(checkpoints["float"])
+    model.shard(_Group(2, 1))  # slices only: nothing is sent until it runs
+    assert model.layers[0].mlp.gate_proj.weight.shape == (64, 64)
+    with pytest.raises(ValueError, match="the model is sharded already"):
+        model.shard(_Group(2, 1))
+
+
 def test_a_group_of_one_loads_the_whole_model(checkpoints):
     group = mx.distributed.init()
     assert group.size() == 1  # not under mlx.launch
