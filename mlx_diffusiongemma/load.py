@@ -180,8 +180,8 @@ def load_model(
     """Build a strict-loaded model; weights keep the checkpoint's dtype unless
     `dtype` ("bfloat16", "float16", "float32" or an mx.Dtype) is given. With a
     `tensor_group` (under `mlx.launch`: mx.distributed.init()) the model is
-    sharded across it (`Model.shard`): the weights load lazily and each
-    rank reads the whole tensors but keeps only its share."""
+    sharded across it (`Model.shard`): each rank reads whole tensors, layer
+    by layer, and keeps only its share."""
     path = resolve(path_or_repo)
     config = load_config(path)
     try:
@@ -199,7 +199,13 @@ def load_model(
     check_weights(model, weights, path)
     model.update(tree_unflatten(list(weights.items())))
     if tensor_group is not None:
+        # the model holds the only references to the lazily loaded tensors:
+        # read layer by layer, a layer's whole tensors are freed once their
+        # shares are copied out, so memory peaks at the shares plus one layer
+        del weights
         model.shard(tensor_group)
+        for layer in model.layers:
+            mx.eval(layer.parameters())
     _cast_for_cpu_experts(model)
     model.generation_config = GenerationConfig(load_generation_config(path))
     mx.eval(model.parameters())

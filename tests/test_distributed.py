@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 from reference import build_reference, save_reference
 
-from mlx_diffusiongemma import load, load_model, quantize, save_model
+from mlx_diffusiongemma import Model, ModelArgs, load, load_model, quantize, save_model
 from mlx_diffusiongemma.cli import main as cli_main
 from mlx_diffusiongemma.model import _keep_inputs, _keep_outputs
 from tiny_tokenizer import write_tokenizer
@@ -184,6 +184,10 @@ def test_cli_under_mlx_launch_prints_what_one_process_prints(capsys):
     assert launch("-m", "mlx_diffusiongemma.generate", *CLI_ARGS) == alone
 
 
+def _nbytes(model) -> int:
+    return sum(a.nbytes for _, a in tree_flatten(model.parameters()))
+
+
 class _Group:
     """A stand-in for mx.distributed.Group: size and rank, nothing sent."""
 
@@ -247,3 +251,22 @@ def test_quantized_shares_dequantize_to_the_whole_weights_slices(mode, bits, gro
     _keep_outputs(layer, [(4, 10), (30, 36)])
     expected = whole[..., 2 * group_size : 4 * group_size]
     np.testing.assert_array_equal(weights(), np.concatenate([expected[:, 4:10], expected[:, 30:36]], axis=1))
+
+
+def test_a_sharded_load_never_holds_the_whole_model(tmp_path):
+    config = {"model_type": "diffusion_gemma", "canvas_length": 16, "text_config": {
+        "hidden_size": 256, "num_hidden_layers": 6, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024, "num_experts": 16, "top_k_experts": 2,
+        "moe_intermediate_size": 256}}
+    model = Model(ModelArgs.from_dict(config))
+    whole = _nbytes(model)
+    path = save_model(model, tmp_path / "model", config)
+    del model
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    share = _nbytes(load_model(path, tensor_group=_Group(2, 0)))
+    peak = mx.get_peak_memory() - before
+    print(f"whole {whole / 1e6:.1f} MB, share {share / 1e6:.1f} MB, peak {peak / 1e6:.1f} MB")
+    # read layer by layer: the share plus one of the 6 layers whole at most
+    assert share < 0.6 * whole and peak < 0.75 * whole
