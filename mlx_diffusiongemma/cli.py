@@ -155,11 +155,16 @@ def main(argv=None) -> int:
     options = {name: getattr(args, name) for name in _OPTION_FLAGS}
     if args.seed is not None:
         mx.random.seed(args.seed)  # as mlx_lm.generate does: same seed, same draws, same text
+    # Under mlx.launch every rank runs this command: the model is sharded
+    # across them, all generate the same tokens, and rank 0 prints them.
+    group = mx.distributed.init()
+    printing = group.rank() == 0
     responses, live = {}, None
     try:
         prompts = _read_prompts(args)
-        live = _LiveCanvas(sys.stdout) if args.verbose and sys.stdout.isatty() and len(prompts) == 1 else None
-        model, tokenizer = load(args.model)
+        tty = printing and args.verbose and sys.stdout.isatty()
+        live = _LiveCanvas(sys.stdout) if tty and len(prompts) == 1 else None
+        model, tokenizer = load(args.model, tensor_group=group if group.size() > 1 else None)
         events = stream_diffusion_generate(
             model,
             tokenizer,
@@ -182,6 +187,8 @@ def main(argv=None) -> int:
         return 1
     if live is not None:
         live.clear()
+    if not printing:
+        return 0
     for row in sorted(responses):
         response = responses[row]
         if len(responses) > 1:

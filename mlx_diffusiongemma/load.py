@@ -174,9 +174,14 @@ def _cast_for_cpu_experts(model: nn.Module) -> None:
             m.weight = m.weight.astype(mx.float32)
 
 
-def load_model(path_or_repo: Union[str, Path], dtype=None) -> Model:
+def load_model(
+    path_or_repo: Union[str, Path], dtype=None, tensor_group: Optional[mx.distributed.Group] = None
+) -> Model:
     """Build a strict-loaded model; weights keep the checkpoint's dtype unless
-    `dtype` ("bfloat16", "float16", "float32" or an mx.Dtype) is given."""
+    `dtype` ("bfloat16", "float16", "float32" or an mx.Dtype) is given. With a
+    `tensor_group` (under `mlx.launch`: mx.distributed.init()) the model is
+    sharded across it (`Model.shard`): each rank reads whole tensors, layer
+    by layer, and keeps only its share."""
     path = resolve(path_or_repo)
     config = load_config(path)
     try:
@@ -193,6 +198,14 @@ def load_model(path_or_repo: Union[str, Path], dtype=None) -> Model:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     check_weights(model, weights, path)
     model.update(tree_unflatten(list(weights.items())))
+    if tensor_group is not None:
+        # the model holds the only references to the lazily loaded tensors:
+        # read layer by layer, a layer's whole tensors are freed once their
+        # shares are copied out, so memory peaks at the shares plus one layer
+        del weights
+        model.shard(tensor_group)
+        for layer in model.layers:
+            mx.eval(layer.parameters())
     _cast_for_cpu_experts(model)
     model.generation_config = GenerationConfig(load_generation_config(path))
     mx.eval(model.parameters())
@@ -219,12 +232,20 @@ def _eos_token_ids(path: Path, config: dict) -> list:
     return [eos] if isinstance(eos, int) else list(eos)
 
 
-def load(path_or_repo: Union[str, Path], dtype=None, adapter_path: Optional[Union[str, Path]] = None):
+def load(
+    path_or_repo: Union[str, Path],
+    dtype=None,
+    adapter_path: Optional[Union[str, Path]] = None,
+    tensor_group: Optional[mx.distributed.Group] = None,
+):
     """(model, tokenizer), the tokenizer in mlx-lm's TokenizerWrapper; LoRA
     adapters (as `python -m mlx_diffusiongemma.train --lora-rank` saves them,
-    in mlx-lm's adapter format) are applied when `adapter_path` is given."""
+    in mlx-lm's adapter format) are applied when `adapter_path` is given; the
+    model is sharded across `tensor_group` when one is given (see `load_model`)."""
+    if adapter_path is not None and tensor_group is not None:
+        raise ValueError("LoRA adapters cannot be applied to a sharded model: pass adapter_path or tensor_group, not both")
     path = resolve(path_or_repo)
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, tensor_group=tensor_group)
     if adapter_path is not None:
         load_adapters(model, str(adapter_path))
         model.eval()

@@ -4,7 +4,8 @@ mlx-lm finds a model type by importing `mlx_lm.models.<model_type>`. The
 `mlx_diffusiongemma.pth` file that this package installs registers a finder
 (`_mlx_diffusiongemma_hook`) that answers for that one name with this module;
 no file of mlx-lm is touched, and if mlx-lm ever ships its own
-`diffusion_gemma` module, mlx-lm's own wins.
+`diffusion_gemma` module, mlx-lm's own wins. Its `sharded_load` (tensor
+parallelism under `mlx.launch`) calls the inherited `Model.shard`.
 
 Two ways in:
 - `model.diffusion_generate(prompt_ids, **kwargs)`: the hook a diffusion-aware

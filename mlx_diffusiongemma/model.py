@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
+from mlx.nn.layers.distributed import shard_inplace
 from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
 from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softcap
@@ -334,6 +335,7 @@ class Attention(nn.Module):
             scaling_config=rope,
             max_position_embeddings=args.max_position_embeddings,
         )
+        self.sharding_group = None  # set by `shard`: o_proj's output is then this rank's share
 
     def project(self, x: mx.array, offset) -> tuple:
         """Queries, keys and values [B, heads, L, head_dim] of a chunk at `offset`."""
@@ -349,11 +351,119 @@ class Attention(nn.Module):
 
     def output(self, attended: mx.array) -> mx.array:
         B, _, L, _ = attended.shape
-        return self.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        out = self.o_proj(attended.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        if self.sharding_group is not None:
+            out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out
+
+    def splits(self, N: int) -> bool:
+        """Whether the heads split across N ranks: each rank gets as many query
+        heads, all reading as many kv heads (the kv heads divide among the
+        ranks, or each rank's query heads share one), and a quantized o_proj's
+        groups do not straddle ranks."""
+        if self.n_heads % N or (self.n_kv_heads % N and N % self.n_kv_heads):
+            return False
+        return self.n_heads // N * self.head_dim % _quantization_unit(self.o_proj) == 0
+
+    def shard(self, group) -> None:
+        """Keep this rank's query heads and the kv heads they read (the
+        reference's tp plan: q/k/v colwise, o rowwise); `output` sums the ranks'
+        o_proj results. Heads that do not split (`splits`) stay whole on every
+        rank: exact, and no communication."""
+        N, rank = group.size(), group.rank()
+        if not self.splits(N):
+            return
+        shard_inplace(self.q_proj, "all-to-sharded", group=group)
+        shard_inplace(self.o_proj, "sharded-to-all", group=group)
+        if "bias" in self.o_proj and rank:  # added once, to the sum
+            self.o_proj.bias = mx.zeros_like(self.o_proj.bias)
+        # full layers have no v_proj: their values are k_proj's output, split with it
+        kv = [self.k_proj, *([self.v_proj] if self.is_sliding else [])]
+        if self.n_kv_heads % N == 0:
+            for proj in kv:
+                shard_inplace(proj, "all-to-sharded", group=group)
+            self.n_kv_heads //= N
+        else:  # more ranks than kv heads: this rank's query heads all read one
+            head = rank * self.n_kv_heads // N
+            for proj in kv:
+                _keep_outputs(proj, [(head * self.head_dim, (head + 1) * self.head_dim)])
+            self.n_kv_heads = 1
+        self.n_heads //= N
+        self.sharding_group = group
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
     return scaled_dot_product_attention(q, k, v, cache=None, scale=1.0, mask=mask)
+
+
+def _quantization_unit(module: nn.Module) -> int:
+    """How many input features a linear or switch layer keeps together: its
+    quantization group (1 when it is not quantized)."""
+    return module.group_size if "scales" in module else 1
+
+
+def _keep_outputs(module: nn.Module, spans: list) -> None:
+    """Keep the output features in `spans` ([(start, stop)], in order) of a
+    linear or switch layer: rows of its weight and of the quantization scales
+    and biases (groups run along the inputs), entries of its bias."""
+    update = {}
+    for name, rows in (("weight", -2), ("scales", -2), ("biases", -2), ("bias", -1)):
+        if name in module:
+            tail = (slice(None),) * (-rows - 1)
+            parts = [module[name][(..., slice(start, stop), *tail)] for start, stop in spans]
+            update[name] = mx.contiguous(mx.concatenate(parts, axis=rows))
+    module.update(update)
+
+
+def _keep_inputs(module: nn.Module, start: int, stop: int, size: int) -> None:
+    """Keep input features [start, stop) of `size` of a linear or switch layer
+    (a quantized weight packs `size` inputs into its last axis, the scales and
+    biases one entry per group; `start` and `stop` sit on group boundaries).
+    A bias stays whole: the caller sums the ranks' outputs."""
+    update = {}
+    for name in ("weight", "scales", "biases"):
+        if name in module:
+            a = module[name]
+            per = a.shape[-1]
+            update[name] = mx.contiguous(a[..., start * per // size : stop * per // size])
+    module.update(update)
+
+
+def _intermediate(block: nn.Module) -> tuple:
+    """(width, unit) of a GeGLU block (MLP, SelfConditioning, Experts): its
+    intermediate features, and how many of them a share must keep together
+    (down_proj's quantization group)."""
+    rows = block.gate_up_proj.weight.shape[-2] // 2 if isinstance(block, Experts) else block.gate_proj.weight.shape[-2]
+    return rows, _quantization_unit(block.down_proj)
+
+
+def _intermediate_span(block: nn.Module, group, name: str) -> tuple:
+    """This rank's share [start, stop) of a GeGLU block's intermediate
+    features: contiguous, cut on quantization group boundaries, as even as
+    they allow. mlx's `shard_inplace` cuts into equal parts, which the released
+    4-bit experts (704 = 11 groups of 64) and dense blocks (2112 = 33) do not
+    allow (two ranks hold 6 and 5 groups of each expert)."""
+    width, unit = _intermediate(block)
+    N, rank = group.size(), group.rank()
+    pieces = width // unit
+    if pieces < N:
+        groups = f" = {pieces} quantization group(s) of {unit}" if unit > 1 else ""
+        raise ValueError(f"cannot split {name} across {N} ranks: its intermediate size is {width}{groups}")
+    return unit * (pieces * rank // N), unit * (pieces * (rank + 1) // N)
+
+
+def _keep_intermediate(block: nn.Module, start: int, stop: int) -> None:
+    """Keep a GeGLU block's intermediate features [start, stop): gate and up
+    rows (the experts' fused gate_up_proj keeps the matching rows of both
+    halves, gate first), down_proj columns. The ranks' outputs sum to the
+    whole block's."""
+    width, _ = _intermediate(block)
+    if isinstance(block, Experts):
+        _keep_outputs(block.gate_up_proj, [(start, stop), (width + start, width + stop)])
+    else:
+        _keep_outputs(block.gate_proj, [(start, stop)])
+        _keep_outputs(block.up_proj, [(start, stop)])
+    _keep_inputs(block.down_proj, start, stop, width)
 
 
 class MLP(nn.Module):
@@ -449,6 +559,7 @@ class TransformerLayer(nn.Module):
         self.post_feedforward_layernorm_1 = nn.RMSNorm(dim, eps=eps)
         self.post_feedforward_layernorm_2 = nn.RMSNorm(dim, eps=eps)
         self.layer_scalar = mx.ones((1,))
+        self.sharding_group = None  # set by `Model.shard`: mlp and experts then give this rank's share
 
     def __call__(self, x, cache, mask, layer_scalar: mx.array) -> mx.array:
         """The encoder's pass: the chunk attends to what `cache.update_and_fetch`
@@ -464,12 +575,23 @@ class TransformerLayer(nn.Module):
     def finish(self, x: mx.array, attended: mx.array, layer_scalar: mx.array) -> mx.array:
         """Everything after the attention itself: its output projection and the feed-forward blocks."""
         h = x + self.post_attention_layernorm(self.self_attn.output(attended))
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(h)))
+        dense = self.mlp(self.pre_feedforward_layernorm(h))
         indices, weights = self.router(h)  # the router reads the raw residual
-        sparse = self.post_feedforward_layernorm_2(
-            self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
-        )
+        sparse = self.experts(self.pre_feedforward_layernorm_2(h), indices, weights)
+        if self.sharding_group is not None:
+            dense, sparse = _all_sum_both(dense, sparse, self.sharding_group)
+        dense = self.post_feedforward_layernorm_1(dense)
+        sparse = self.post_feedforward_layernorm_2(sparse)
         return (h + self.post_feedforward_layernorm(dense + sparse)) * layer_scalar
+
+
+def _all_sum_both(dense: mx.array, sparse: mx.array, group) -> tuple:
+    """The ranks' shares of the dense MLP and of the experts, each summed.
+    The reference normalises each block's whole output (post_feedforward_layernorm_1
+    / _2) before adding them, so each sum must come before its norm; one
+    all-reduce of both halves the count (latency) at the same volume."""
+    both = mx.distributed.all_sum(mx.stack([dense, sparse]), group=group)  # in the wider dtype
+    return both[0].astype(dense.dtype), both[1].astype(sparse.dtype)
 
 
 class SelfConditioning(nn.Module):
@@ -483,12 +605,16 @@ class SelfConditioning(nn.Module):
         self.up_proj = nn.Linear(dim, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, dim, bias=False)
         self.post_norm = RMSNormNoScale(dim, eps=args.rms_norm_eps)
+        self.sharding_group = None  # set by `Model.shard`: down_proj then gives this rank's share
 
     def __call__(self, embeddings: mx.array, soft_embeddings: Optional[mx.array]) -> mx.array:
         # Without a previous prediction the block adds exactly zero (gelu(0) * 0).
         if soft_embeddings is not None:
             s = self.pre_norm(soft_embeddings)
-            embeddings = embeddings + self.down_proj(geglu(self.gate_proj(s), self.up_proj(s)))
+            added = self.down_proj(geglu(self.gate_proj(s), self.up_proj(s)))
+            if self.sharding_group is not None:
+                added = mx.distributed.all_sum(added, group=self.sharding_group)
+            embeddings = embeddings + added
         return self.post_norm(embeddings)
 
 
@@ -595,6 +721,44 @@ class Model(nn.Module):
     def dtype(self) -> mx.Dtype:
         """The activation dtype (norm weights are never quantized)."""
         return self.model.decoder.norm.weight.dtype
+
+    def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
+        """Tensor parallelism over `group` (default: mx.distributed.init()), in
+        place; mlx-lm's `sharded_load` calls this. Each rank keeps its share of
+        the attention heads, of the dense MLP's, the experts' and the
+        self-conditioning block's intermediate features, and sums the shares
+        where the reference adds them up: after o_proj (one all-reduce), after
+        the dense MLP and the experts together (one, before their post-norms),
+        after the self-conditioning block. Embeddings, lm_head, norms and router
+        stay whole, so every rank computes the same logits.
+
+        The experts split along each expert's width (the reference's tp plan:
+        gate_up_proj packed_colwise, down_proj rowwise) rather than by expert:
+        with the decoder's static shapes a rank holding half the experts would
+        still multiply every routed row (the others' with weight zero), where
+        half the width halves the work of every row, whatever the routing.
+
+        Attention whose heads cannot split evenly (`Attention.splits`) stays
+        whole on every rank. A block narrower than the group (in quantization
+        groups) is an error naming it, raised before any weight changes."""
+        if any(layer.sharding_group is not None for layer in self.layers):
+            raise ValueError("the model is sharded already: shard a whole model, once")
+        group = group or mx.distributed.init()
+        if group.size() == 1:
+            return
+        decoder = self.model.decoder
+        blocks = {"model.decoder.self_conditioning": decoder.self_conditioning}
+        for i, layer in enumerate(self.layers):
+            blocks[f"model.decoder.layers.{i}.mlp"] = layer.mlp
+            blocks[f"model.decoder.layers.{i}.experts"] = layer.experts
+        spans = {name: _intermediate_span(block, group, name) for name, block in blocks.items()}
+        for name, block in blocks.items():
+            _keep_intermediate(block, *spans[name])
+        for layer in self.layers:
+            layer.self_attn.shard(group)
+            layer.sharding_group = group
+        decoder.self_conditioning.sharding_group = group
+        self.__dict__.pop("_compiled_segments", None)  # traced with the whole model's head counts
 
     def make_cache(self) -> list:
         return [
