@@ -705,6 +705,20 @@ class GenerationConfig(Mapping):
         return f"GenerationConfig({self._settings!r})"
 
 
+def _check_shared_bias(key: str, value: mx.array, weights: dict) -> None:
+    """The encoder runs on the decoder's layers. The reference ties every
+    encoder weight to the decoder's but not the biases (transformers ties only
+    weights), so a checkpoint with attention biases could hold two different
+    sets; this port has one."""
+    decoder_key = "model.decoder." + key[len("model.encoder.language_model.") :]
+    shared = weights.get(decoder_key)
+    if shared is None or shared.shape != value.shape or not mx.array_equal(shared, value).item():
+        raise ValueError(
+            f"{key} differs from {decoder_key}: this port shares the decoder's layers with the encoder, "
+            "biases included, and cannot run a checkpoint whose encoder has biases of its own"
+        )
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -918,6 +932,8 @@ class Model(nn.Module):
             if key.startswith((*VISION_PREFIXES, "lm_head.")):
                 continue
             if key.startswith("model.encoder.language_model.") and not key.endswith(".layer_scalar"):
+                if key.endswith(".bias"):
+                    _check_shared_bias(key, value, weights)
                 continue  # tied to the decoder's copy
             if key.endswith((".experts.gate_up_proj", ".experts.down_proj")):
                 key += ".weight"

@@ -68,6 +68,11 @@ def build_reference(seed: int = 0, canvas_length: int = 12, perturb: bool = True
                 p.add_(0.3)
             elif name.endswith(("norm.weight", ".scale", "per_expert_scale")):
                 p.add_(1.0)  # keep norms and scales around 1 so activations stay sane
+        for name, p in model.named_parameters():
+            if name.startswith("model.encoder.language_model.") and name.endswith(".bias"):
+                # transformers ties the encoder's weights to the decoder's, not its
+                # biases; the model has one set, which this port shares
+                p.copy_(model.get_parameter(name.replace("encoder.language_model.", "decoder.")))
         for name, b in model.named_buffers():
             if name.endswith("layer_scalar"):
                 # encoder and decoder scalars must differ, and differ per layer

@@ -5,9 +5,7 @@ every rank; these tests compare what the ranks report.
 
 The float checkpoint has 3 kv heads on its sliding layers (two ranks cannot
 split them: that attention stays whole) and 2 on its full layers (split, K = V),
-plus attention biases (o_proj's must be added once, after the sum; the
-reference ties encoder and decoder weights but not these biases, so this
-checkpoint serves comparisons with our own whole model only). The
+plus attention biases (o_proj's must be added once, after the sum). The
 quantized one (the mlx-community recipe, 4-bit experts in groups of 64) has 2 kv
 heads on sliding layers (split, with v_proj) and 1 on full layers (each rank's
 query heads read it), and experts 192 = 3 groups wide, split 2 : 1.

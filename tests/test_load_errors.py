@@ -113,6 +113,16 @@ def test_misshaped_weight(ckpt):
         load_model(ckpt)
 
 
+def test_encoder_biases_of_their_own(tmp_path):
+    """transformers ties the encoder's weights to the decoder's but not its
+    biases; a checkpoint whose encoder biases differ is one this port cannot run."""
+    path = save_reference(build_reference(seed=0, attention_bias=True), tmp_path / "biased")
+    key = "model.encoder.language_model.layers.1.self_attn.o_proj.bias"
+    rewrite_weights(path, lambda w: w.update({key: w[key] + 0.5}))
+    with pytest.raises(ValueError, match=rf"{key} differs from model.decoder.layers.1.self_attn.o_proj.bias"):
+        load_model(path)
+
+
 def test_truncated_safetensors(ckpt):
     f = ckpt / WEIGHTS
     data = f.read_bytes()

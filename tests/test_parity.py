@@ -50,7 +50,16 @@ def _prefilled(reference, model, prompt, chunk_size):
 
 
 def test_every_stage_matches_reference(pair):
-    reference, model = pair
+    _every_stage(*pair)
+
+
+def test_attention_biases_match_reference(tmp_path):
+    """Biases on every projection (the encoder's tied to the decoder's, as this port has them)."""
+    reference = build_reference(seed=5, attention_bias=True)
+    _every_stage(reference, load_model(save_reference(reference, tmp_path)))
+
+
+def _every_stage(reference, model):
     rng = np.random.default_rng(1)
     prompt = rng.integers(0, VOCAB, 21).tolist()
     canvas = rng.integers(0, VOCAB, CANVAS).tolist()
