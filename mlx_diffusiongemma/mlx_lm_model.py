@@ -260,7 +260,8 @@ class Model(DiffusionGemma):
             rows = [r for r, n in enumerate(to_hand_out) if n == 0 or (n <= C and not self._stops(tokens[r][-n:]))]
             tokens, starts = self._next_canvases(rows, layers, pending, canvas, tokens, starts, offsets)
         token = mx.array([tokens[r][offsets[r] - starts[r]] for r in range(B)])[:, None, None]
-        return mx.where(mx.arange(self.args.vocab_size) == token, 0.0, -mx.inf).astype(self.dtype)
+        zero, never = mx.array(0.0, self.dtype), mx.array(-mx.inf, self.dtype)  # in the model's dtype: one V-sized pass
+        return mx.where(mx.arange(self.args.vocab_size) == token, zero, never)
 
     def _parts(self, cache) -> tuple:
         """(layer caches, pending keys and values per layer, pending canvas)."""
@@ -302,7 +303,7 @@ class Model(DiffusionGemma):
         ends = [starts[r] + len(tokens[r]) if tokens[r] else offsets[r] for r in rows]
         rest = [end - offsets[r] for end, r in zip(ends, rows)]
         if isinstance(layers[0], (BatchKVCache, BatchRotatingKVCache)):
-            own = self._denoising_caches(layers, pending, rows, [offsets[r] - starts[r] for r in rows], rest)
+            own = self._denoising_caches(layers, pending, rows, [offsets[r] - starts[r] for r in rows], rest, ends)
         else:  # one sequence, holding nothing to hand out
             own = layers
         new = self._denoise(own)
@@ -313,9 +314,10 @@ class Model(DiffusionGemma):
             changes[r] = (kept, ends[i] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
         return self._hold(pending, canvas, changes)
 
-    def _denoising_caches(self, layers, pending, rows: list, at: list, counts: list) -> list:
+    def _denoising_caches(self, layers, pending, rows: list, at: list, counts: list, lengths: list) -> list:
         """Per layer, a batch cache of `rows` as committing the held tokens
-        at[i] .. at[i] + counts[i] of row rows[i] would leave it, built from
+        at[i] .. at[i] + counts[i] of row rows[i] would leave it (lengths[i]
+        tokens in all), built from
         their held keys and values (no encoder pass): each row's context,
         then those tokens, real tokens ending at the same index (left
         padding, as mlx-lm's BatchKVCache keeps rows), a sliding layer's
@@ -328,11 +330,10 @@ class Model(DiffusionGemma):
         for r, a in zip(rows, at):
             everyone[r] = a
         shift = mx.array([R - n for n in counts])[:, None]
-        offset = layers[0].offset[index] + mx.array(counts)  # every layer holds the same tokens
-        longest = max(offset.tolist())
+        offset = mx.array(lengths)
         caches = []
         for c, held, kind in zip(layers, self._held_rows(pending, everyone, R), self.args.layer_types):
-            real = min(longest, self.args.sliding_window - 1) if kind == "sliding_attention" else longest
+            real = min(max(lengths), self.args.sliding_window - 1) if kind == "sliding_attention" else max(lengths)
             keys, values = (
                 dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)
                 for past, later in zip(_context(c), held)

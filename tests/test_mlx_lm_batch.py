@@ -100,6 +100,11 @@ def _logits(model, cache, canvas) -> np.ndarray:
     return np.array(model.decode(canvas, cache[: len(model.layers)]))
 
 
+def _held_canvas(cache) -> tuple:
+    held, start = cache[-1].state
+    return held.reshape(-1).tolist(), start[0, 0, 0, 0].item()
+
+
 def test_rows_joining_and_leaving_keep_their_own_cache(separated):
     """Two prompts prefilled at a time, three rows decoding at most, each its
     own max_tokens: rows join while others are mid-canvas and leave mid-canvas."""
@@ -117,8 +122,7 @@ def test_rows_joining_and_leaving_keep_their_own_cache(separated):
         model.encode(mx.array(response.all_tokens), alone[:n])
         np.testing.assert_allclose(_logits(model, cache, canvas), _logits(model, alone, canvas), atol=1e-4)
         # the held canvas goes on where the row stopped
-        held, start = cache[-1].state
-        held, start = held.reshape(-1).tolist(), start[0, 0, 0, 0].item()
+        held, start = _held_canvas(cache)
         fed = len(response.all_tokens)
         assert held[: fed - start] == response.all_tokens[start:]
         rest = held[fed - start :]  # the token handed out last, never returned (the row had finished), and after
@@ -143,11 +147,6 @@ def _prefilled(model, prompt: list) -> list:
     return cache
 
 
-def _held_canvas(cache) -> tuple:
-    held, start = cache[-1].state
-    return held.reshape(-1).tolist(), start[0, 0, 0, 0].item()
-
-
 def test_canvases_denoised_ahead_see_the_committed_context(separated):
     """A row handing out its canvas when another needs one gets its next
     canvas denoised with it, against its context and the rest of its canvas
@@ -168,7 +167,7 @@ def test_canvases_denoised_ahead_see_the_committed_context(separated):
     batch = [x.merge([x, y]) for x, y in zip(a, _prefilled(model, PROMPTS[1]))]
     tokens.append(PROMPTS[1])
     layers, pending, _ = model._parts(batch)
-    ahead = model._denoising_caches(layers, pending, [0, 1], [fed - start, 0], [len(rest), 0])
+    ahead = model._denoising_caches(layers, pending, [0, 1], [fed - start, 0], [len(rest), 0], [fed + len(rest), len(PROMPTS[1]) - 1])
     canvas = mx.array(RNG.integers(0, 320, (2, C)))
     for row, context in enumerate([tokens[0][:fed] + rest, PROMPTS[1][:-1]]):
         alone = model.make_cache()
@@ -183,7 +182,7 @@ def test_canvases_denoised_ahead_see_the_committed_context(separated):
             tokens[row] = tokens[row] + [token]
 
     step(batch)  # b needs a canvas: a's next one is denoised with it
-    held, start = batch[-1].row(0)[0].reshape(-1).tolist(), batch[-1].row(0)[1][0, 0, 0, 0].item()
+    held, start = _held_canvas([batch[-1].extract(0)])
     assert held[fed - start :] == rest + held[fed - start + len(rest) :] and len(held) - (fed - start) == len(rest) + C
     for _ in range(len(rest) - 2):
         step(batch)
