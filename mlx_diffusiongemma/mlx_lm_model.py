@@ -48,12 +48,24 @@ mlx-lm's BatchKVCache (`extract`, `filter`, `extend`, `prepare`, `finalize`).
 An entry restored from a file has no `merge`: it continues one sequence, and
 mlx-lm refuses to batch it.
 
+The model's context (`max_position_embeddings`) bounds a row as it bounds our
+generate: a canvas is denoised only where it fits whole. mlx-lm 0.32 gives a
+model no way to refuse a request before prefilling it (its server tokenizes
+and then prefills inside its batch loop, where an exception stops the loop
+for every request), so a row with no room left for a canvas ends there: its
+next token is eos, with one warning on the log, and whatever is fed past the
+room left is written to the caches as zeros, without an encoder pass (so a
+prompt far longer than the context costs about one chunk, not hours, and the
+cache still describes every token fed, as mlx-lm's prompt cache needs).
+
 mlx-lm prefills a prompt in chunks whose logits it ignores and then feeds the
 last prompt token alone to get the first generated token. So a call that
 brings several new tokens is taken for prefill: it fills the cache and
 returns zero logits without denoising. Only when a prompt of n tokens leaves
 a one-token chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
 """
+
+import logging
 
 import mlx.core as mx
 from mlx_lm.models.cache import (
@@ -75,6 +87,7 @@ from .sampling import Randomness, StableAndConfidentStopping
 __all__ = ["BatchHeld", "Model", "ModelArgs"]
 
 LAYER_CACHES = (KVCache, RotatingKVCache, BatchKVCache, BatchRotatingKVCache)
+log = logging.getLogger(__name__)
 
 
 def _entry(keys: mx.array, values: mx.array) -> ConcatenateKVCache:
@@ -185,8 +198,9 @@ def _canvas_row(tokens: list, start: int) -> tuple:
 
 
 class _Substituted:
-    """A layer cache as the encoder writes it, taking the held keys and
-    values instead of the computed ones for the rows that feed their canvas."""
+    """A layer cache as the encoder writes it, taking the given keys and
+    values instead of the computed ones for some rows (those that feed their
+    held canvas, or zeros for those past the model's context)."""
 
     def __init__(self, cache, keys: mx.array, values: mx.array, held: mx.array):
         self.cache, self.offset = cache, cache.offset
@@ -243,25 +257,63 @@ class Model(DiffusionGemma):
                 layer.update_and_fetch(keys, values)
             mx.eval([c.state for c in layers])
         else:  # context: encoded, and a row's held canvases dropped
-            if any(held):
-                mask = mx.array(held)
-                layers_in = [_Substituted(c, *kv, mask) for c, kv in zip(layers, self._held_rows(pending, index, L))]
-                self.encode_chunk(inputs, layers_in)
-                mx.eval([c.state for c in layers])
-            else:
-                self.encode(inputs, layers)
+            self._encode_context(inputs, layers, pending, index, held, [not self._room_for_canvas(o) for o in offsets])
             tokens, starts = self._hold(pending, canvas, {r: (0, 0, [], []) for r in range(B) if not held[r]})
         if L > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
             return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (B, L, self.args.vocab_size))
         offsets = [o + 1 for o in offsets]
         to_hand_out = [s + len(t) - o if t else 0 for t, s, o in zip(tokens, starts, offsets)]
-        if 0 in to_hand_out:  # then also the rows that will need one within a canvas, ahead of time
+        # a canvas starts after the tokens held (or, holding none, after the token fed)
+        fits = [self._room_for_canvas(s + len(t) if t else o) for t, s, o in zip(tokens, starts, offsets)]
+        ended = [r for r, n in enumerate(to_hand_out) if n == 0 and not fits[r]]
+        if any(fed[r][-1] not in self._eos_ids() for r in ended):  # once: mlx-lm may feed the eos back
+            self._warn_context_full(offsets, ended)
+        if any(n == 0 and fits[r] for r, n in enumerate(to_hand_out)):  # then also the rows that will need one within a canvas, ahead of time
             C = self.args.canvas_length
-            rows = [r for r, n in enumerate(to_hand_out) if n == 0 or (n <= C and not self._stops(tokens[r][-n:]))]
+            rows = [
+                r for r, n in enumerate(to_hand_out)
+                if fits[r] and (n == 0 or (n <= C and not self._stops(tokens[r][-n:])))
+            ]
             tokens, starts = self._next_canvases(rows, layers, pending, canvas, tokens, starts, offsets)
-        token = mx.array([tokens[r][offsets[r] - starts[r]] for r in range(B)])[:, None, None]
+        eos = (self._eos_ids() or [self.args.pad_token_id])[0]  # no eos id known: pads, until max_tokens
+        token = mx.array([eos if r in ended else tokens[r][offsets[r] - starts[r]] for r in range(B)])[:, None, None]
         zero, never = mx.array(0.0, self.dtype), mx.array(-mx.inf, self.dtype)  # in the model's dtype: one V-sized pass
         return mx.where(mx.arange(self.args.vocab_size) == token, zero, never)
+
+    def _room_for_canvas(self, start: int) -> bool:
+        """Whether a canvas starting at this position fits the model's context."""
+        return start + self.args.canvas_length <= self.args.max_position_embeddings
+
+    def _encode_context(self, inputs: mx.array, layers: list, pending: list, index: list, held: list, past: list) -> None:
+        """Write fed context into the layer caches: encoded, except the rows
+        that feed their held canvas (its keys and values) and the rows already
+        past the room for a canvas (zeros: they end with eos, see the module
+        docstring). When every row is past it, no encoder pass runs."""
+        L = inputs.shape[1]
+        if all(past):
+            for layer, attention in zip(layers, (l.self_attn for l in self.layers)):
+                zeros = mx.zeros((inputs.shape[0], attention.n_kv_heads, L, attention.head_dim), self.dtype)
+                layer.update_and_fetch(zeros, zeros)
+            mx.eval([c.state for c in layers])
+        elif any(held) or any(past):
+            substituted = mx.array([h or p for h, p in zip(held, past)])
+            keep_held = mx.array(held)[:, None, None, None]
+            layers_in = [
+                _Substituted(c, *(mx.where(keep_held, a, 0) for a in kv), substituted)
+                for c, kv in zip(layers, self._held_rows(pending, index, L))
+            ]
+            self.encode_chunk(inputs, layers_in)
+            mx.eval([c.state for c in layers])
+        else:
+            self.encode(inputs, layers)
+
+    def _warn_context_full(self, offsets: list, rows: list) -> None:
+        longest = max(offsets[r] for r in rows)
+        log.warning(
+            "DiffusionGemma: %d token(s) leave no room for a canvas of %d in the model's context of %d tokens "
+            "(max_position_embeddings): the sequence ends here (eos)",
+            longest, self.args.canvas_length, self.args.max_position_embeddings,
+        )
 
     def _parts(self, cache) -> tuple:
         """(layer caches, pending keys and values per layer, pending canvas)."""
@@ -344,13 +396,17 @@ class Model(DiffusionGemma):
             caches.append(cache)
         return caches
 
+    def _eos_ids(self) -> list:
+        """The checkpoint's eos ids (config.json's first, then generation_config.json's)."""
+        ids = []
+        for eos in (self.args.eos_token_id, self.generation_config.get("eos_token_id", ())):
+            ids += [e for e in ([eos] if isinstance(eos, int) else eos) if e not in ids]
+        return ids
+
     def _stops(self, tokens: list) -> bool:
         """Whether these tokens hold an eos id of the checkpoint's: mlx-lm
         stops the row there, so a canvas ahead would be wasted."""
-        ids = set()
-        for eos in (self.args.eos_token_id, self.generation_config.get("eos_token_id", ())):
-            ids.update([eos] if isinstance(eos, int) else eos)
-        return not ids.isdisjoint(tokens)
+        return not set(self._eos_ids()).isdisjoint(tokens)
 
     def _hold(self, pending, canvas, changes: dict) -> tuple:
         """Change what some rows hold: changes[r] = (kept, start, new_tokens,

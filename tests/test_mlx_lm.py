@@ -285,3 +285,40 @@ def test_server_default_settings_answer_every_request_as_a_fresh_one(demo_checkp
             futures = [pool.submit(_request, url, *requests[i], i, stream) for i, stream in jobs]
             answers = [f.result() for f in futures]
         assert answers == [expected[i] for i, _ in jobs]
+
+
+def _post_status(url, body) -> tuple:
+    """(HTTP status, parsed body) of a POST, errors included."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_answers_around_overlong_and_unknown_requests():
+    """The shipped demo under mlx_lm.server: a prompt far past the context ends
+    at once (empty, with a warning on the server's log) and a prompt with
+    characters the demo does not know is refused by its chat template, while
+    a good request sent with them is answered right."""
+    demo = Path(mlx_diffusiongemma.__file__).parent / "demo_model"
+    model, tokenizer = mlx_lm.load(str(demo))
+    good = {"messages": [{"role": "user", "content": "81502739"}], "max_tokens": 16}
+    expected = mlx_lm.generate(model, tokenizer, tokenizer.apply_chat_template(good["messages"], add_generation_prompt=True),
+                               max_tokens=16)
+    overlong = {"messages": [{"role": "user", "content": "7" * 20_000}], "max_tokens": 16}
+    unknown = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 16}
+    with _serving(demo) as url:
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda body: _post_status(f"{url}/v1/chat/completions", body), [overlong, good, unknown]))
+        seconds = time.perf_counter() - start
+        after = _post_status(f"{url}/v1/chat/completions", good)
+    (status, long_reply), (good_status, good_reply), (unknown_status, unknown_reply) = replies
+    assert status == 200 and not long_reply["choices"][0]["message"]["content"]  # None: nothing generated
+    assert long_reply["choices"][0]["finish_reason"] == "stop"
+    assert good_status == 200 and good_reply["choices"][0]["message"]["content"] == expected == "01235789"
+    assert unknown_status == 404 and unknown_reply["error"] == 'the demo model knows the characters 0123456789= only, not "a"'
+    assert after[0] == 200 and after[1]["choices"][0]["message"]["content"] == expected
+    assert seconds < 60, seconds
