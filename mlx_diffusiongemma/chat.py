@@ -7,6 +7,8 @@ so the checkpoint's template (jinja2, through the tokenizer) is the only source.
 
 from typing import Optional
 
+import jinja2
+
 
 def render_prompt(
     tokenizer,
@@ -14,34 +16,76 @@ def render_prompt(
     system_prompt: Optional[str] = None,
     enable_thinking: bool = False,
     use_chat_template: bool = True,
+    context: Optional[int] = None,
 ) -> list:
     """Token ids of a user message, rendered with the chat template when the
-    tokenizer has one and `use_chat_template` is set, else encoded raw."""
+    tokenizer has one and `use_chat_template` is set, else encoded raw. A
+    text that cannot fit `context` tokens is refused before it is tokenized."""
     if tokenizer is None:
         raise ValueError("a text prompt needs a tokenizer; pass token ids to generate without one")
+    for what, text in (("prompt", prompt), ("system prompt", system_prompt)):
+        if text is not None:
+            check_text(text, what)
+    if context is not None:
+        check_length(tokenizer, prompt + (system_prompt or ""), "prompt", context)
+    for text in (prompt, system_prompt):
+        if text:
+            _refuse_unknown(tokenizer, text)
     if use_chat_template and tokenizer.chat_template is not None:
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         messages.append({"role": "user", "content": prompt})
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-        )
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+            )
+        except jinja2.TemplateError as e:  # the template refuses the messages (raise_exception)
+            raise ValueError(f"the chat template refuses the prompt: {e}") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(prompt)
-    _refuse_unknown(tokenizer, ids, prompt + (system_prompt or ""))
     return ids
+
+
+def check_text(text, what: str) -> None:
+    """Text the tokenizer can take: a str that is valid Unicode. Bytes that
+    are not UTF-8 reach Python as lone surrogates (argv, a stdin decoded
+    with surrogateescape), which the tokenizer refuses with a TypeError."""
+    if not isinstance(text, str):
+        raise ValueError(f"the {what} must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {what} is not valid UTF-8 text (at character {e.start})") from None
+
+
+def check_length(tokenizer, text: str, what: str, context: int) -> None:
+    """Refuse, before tokenizing it, a text that cannot fit `context` tokens
+    whatever it says (tokenizing megabytes first takes seconds and gigabytes)."""
+    if len(text) > context and len(text) > longest_text(tokenizer, context):
+        raise ValueError(
+            f"the {what} has {len(text)} characters: more tokens than the model's context of {context} "
+            f"(its tokenizer's longest token has {longest_text(tokenizer, context) // context} characters)"
+        )
+
+
+def longest_text(tokenizer, context: int) -> int:
+    """The most characters a text of `context` tokens can have: each token
+    stands for at most as many characters as its longest one has."""
+    return context * max(map(len, tokenizer.get_vocab()), default=1)
 
 
 SMALL_VOCABULARY = 1000  # up to this size, an unknown-character error lists the characters known
 
 
-def _refuse_unknown(tokenizer, ids: list, text: str) -> None:
+def _refuse_unknown(tokenizer, text: str) -> None:
     """A tokenizer that maps what it does not know to its unknown token would
     otherwise hand the model a different prompt without a word (the demo's turns
-    "abc" into pads). Typing the unknown token itself is allowed."""
+    "abc" into pads). Typing the unknown token itself is allowed, as often as
+    it is typed."""
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None or unk not in ids or tokenizer.unk_token in text:
+    if unk is None or tokenizer.encode(text, add_special_tokens=False).count(unk) <= text.count(tokenizer.unk_token):
         return
+    text = text.replace(tokenizer.unk_token, "")
     unknown = [c for c in dict.fromkeys(text) if unk in tokenizer.encode(c, add_special_tokens=False)]
     if unknown:
         message = f"the prompt holds characters the tokenizer does not know: {', '.join(map(repr, unknown))}"

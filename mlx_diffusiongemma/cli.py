@@ -3,6 +3,7 @@ types) and the generate command, `python -m mlx_diffusiongemma.generate`:
 argument parsing, the live terminal canvas and the statistics line."""
 
 import argparse
+import os
 import shutil
 import sys
 
@@ -11,8 +12,11 @@ import mlx.core as mx
 from .generate import (
     ACCEPTANCE, SELF_CONDITIONING, Commit, DiffusionOptions, DiffusionResponse, stream_diffusion_generate,
 )
+from .chat import check_text, longest_text
 from .load import load
 from .sampling import check_seed
+
+PROG = "python -m mlx_diffusiongemma.generate"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -42,13 +46,13 @@ def checked(parse, check):
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """mlx_lm.generate's flags where they make sense, plus the sampler's."""
-    p = ArgumentParser(prog="python -m mlx_diffusiongemma.generate", description="Generate text with DiffusionGemma.")
+    p = ArgumentParser(prog=PROG, description="Generate text with DiffusionGemma.")
     p.add_argument("--model", required=True, help="local directory or Hugging Face repo")
     prompts = p.add_mutually_exclusive_group(required=True)
-    prompts.add_argument("--prompt", "-p", action="append", help="message to the model ('-' reads stdin); "
-                         "several --prompt are generated together, as a batch")
+    prompts.add_argument("--prompt", "-p", action="append", type=checked(str, _text("prompt")),
+                         help="message to the model ('-' reads stdin); several --prompt are generated together, as a batch")
     prompts.add_argument("--prompts-file", metavar="FILE", help="a batch: one prompt per line (blank lines skipped)")
-    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--system-prompt", type=checked(str, _text("system prompt")), default=None)
     p.add_argument("--ignore-chat-template", action="store_true", help="encode the prompt raw")
     p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
@@ -73,6 +77,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     g.add_argument("--decoder-input-ids", type=int, nargs="+", default=None,
                    help="the first canvas's start: exactly canvas_length ids (config.json)")
     return p
+
+
+def _text(what: str):
+    """A check for text given on the command line (not UTF-8: a usage error)."""
+
+    def check(text: str) -> str:
+        check_text(text, what)
+        return text
+
+    return check
 
 
 def _str2bool(value: str) -> bool:
@@ -139,18 +153,49 @@ def batch_line(responses: list, seconds: float) -> str:
     return f"Batch: {len(responses)} prompts, {tokens} tokens in {seconds:.2f} s, {tokens / seconds:.3f} tokens-per-sec"
 
 
-def _read_prompts(args) -> list:
-    """The prompts as given: --prompt (each, or '-' for stdin) or one per line of --prompts-file."""
+def _read_prompts(args, tokenizer, context: int) -> list:
+    """The prompts as given: --prompt (each, or '-' for stdin) or one per line
+    of --prompts-file. Standard input longer than any prompt that fits the
+    context is refused without reading the rest (UTF-8: at most 4 bytes a
+    character)."""
     if args.prompts_file is None:
-        return [sys.stdin.read() if p == "-" else p for p in args.prompt]
-    with open(args.prompts_file, encoding="utf-8") as f:
-        prompts = [line.rstrip("\n") for line in f if line.strip()]
+        limit = 4 * longest_text(tokenizer, context) if tokenizer is not None else None
+        return [_read_text(sys.stdin.buffer, "standard input", limit) if p == "-" else p for p in args.prompt]
+    with open(args.prompts_file, "rb") as f:
+        prompts = [line for line in _read_text(f, args.prompts_file).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{args.prompts_file} holds no prompt (one per line)")
     return prompts
 
 
+def _read_text(stream, name: str, limit=None) -> str:
+    """UTF-8 text from a binary stream (at most `limit` bytes), with an error naming the source."""
+    data = stream.read() if limit is None else stream.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"{name} holds more than {limit} bytes: more than a prompt that fits the model's context")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
+
+
 def main(argv=None) -> int:
+    """The command: one line and an exit code for what stops it (1 for a bad
+    file or model-dependent value, 130 for Ctrl-C; a reader that stops
+    reading, as `| head` does, ends it quietly with 141, as SIGPIPE would)."""
+    try:
+        return _generate(argv)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # what is still buffered for stdout has nowhere to go: drop it, so the
+        # interpreter's flush at exit does not print a second error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _generate(argv) -> int:
     parser, args = parse_args(argv)
     options = {name: getattr(args, name) for name in _OPTION_FLAGS}
     if args.seed is not None:
@@ -161,10 +206,10 @@ def main(argv=None) -> int:
     printing = group.rank() == 0
     responses, live = {}, None
     try:
-        prompts = _read_prompts(args)
+        model, tokenizer = load(args.model, tensor_group=group if group.size() > 1 else None)
+        prompts = _read_prompts(args, tokenizer, model.args.max_position_embeddings)
         tty = printing and args.verbose and sys.stdout.isatty()
         live = _LiveCanvas(sys.stdout) if tty and len(prompts) == 1 else None
-        model, tokenizer = load(args.model, tensor_group=group if group.size() > 1 else None)
         events = stream_diffusion_generate(
             model,
             tokenizer,

@@ -84,6 +84,8 @@ class DiffusionOptions:
             value = values.get(name)
             if name in values and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if name in values and value >= 2**31:  # mlx counts steps and tokens in int32
+                raise ValueError(f"{name} must be an integer below 2**31, got {value!r}")
 
         def number(name, positive):
             value = values.get(name)
@@ -93,22 +95,25 @@ class DiffusionOptions:
                 or not ((0 < value if positive else 0 <= value) and value < math.inf)
             ):
                 raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
+            if name in values and not (0 < _float32(value) if positive else _float32(value) < math.inf):
+                raise ValueError(f"{name} must be a number float32 holds (the sampler computes in float32), got {value!r}")
 
         integer("max_tokens", 1)
         integer("max_denoising_steps", 1)
         integer("stability_threshold", 0)
         number("t_min", positive=False)
         number("t_max", positive=False)
-        if "t_min" in values and "t_max" in values and values["t_max"] <= values["t_min"]:
+        if "t_min" in values and "t_max" in values and _float32(values["t_max"]) <= _float32(values["t_min"]):
+            in_float32 = " in float32 (the sampler computes in float32)" if values["t_max"] > values["t_min"] else ""
             raise ValueError(
-                f"t_max must be greater than t_min, got t_max={values['t_max']} and t_min={values['t_min']}"
+                f"t_max must be greater than t_min{in_float32}, got t_max={values['t_max']} and t_min={values['t_min']}"
             )
         number("entropy_bound", positive=True)
         number("confidence_threshold", positive=True)
         if values.get("acceptance", ACCEPTANCE[0]) not in ACCEPTANCE:
             raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE)}, got {values['acceptance']!r}")
         value = values.get("min_confidence", 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < _float32(value) <= 1:
             raise ValueError(f"min_confidence must be in (0, 1], got {value!r}")
         if values.get("self_conditioning", SELF_CONDITIONING[0]) not in SELF_CONDITIONING:
             raise ValueError(
@@ -130,6 +135,16 @@ class DiffusionOptions:
         if self.acceptance == "confidence":
             return ConfidenceAcceptance(self.min_confidence)
         return EntropyBoundAcceptance(self.entropy_bound)
+
+
+def _float32(value) -> float:
+    """A number as the sampler holds it: rounded to float32 (inf past its range)."""
+    try:
+        value = float(value)
+    except OverflowError:  # an int past float64's range
+        return math.inf if value > 0 else -math.inf
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
 
 
 def _from_generation_config(config) -> dict:
@@ -466,7 +481,9 @@ def _prompt_ids(prompt, tokenizer, args, what: str, system_prompt, enable_thinki
     if isinstance(prompt, str):
         if not prompt.strip():
             raise ValueError(f"{what} is empty")
-        prompt = render_prompt(tokenizer, prompt, system_prompt, enable_thinking, use_chat_template)
+        prompt = render_prompt(
+            tokenizer, prompt, system_prompt, enable_thinking, use_chat_template, args.max_position_embeddings
+        )
     ids = _token_ids(prompt, args.vocab_size, what)
     if (args.max_position_embeddings - ids.size) // args.canvas_length < 1:
         raise ValueError(

@@ -132,3 +132,77 @@ def test_live_canvas_redraws_one_line():
     out = stream.getvalue()
     assert out.count("\r\033[K") == 3 and "step 1, 1 accepted, entropy 2.50" in out and "sky blue" in out
     assert "\n" not in out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--t-max", "1e39"], "t_max must be a number float32 holds (the sampler computes in float32), got 1e+39"),
+        (["--t-min", "0", "--t-max", "1e-300"],
+         "t_max must be greater than t_min in float32 (the sampler computes in float32), got t_max=1e-300 and t_min=0.0"),
+        (["--entropy-bound", "1e-300"], "entropy_bound must be a number float32 holds"),
+        (["--max-denoising-steps", str(2**31)], f"max_denoising_steps must be an integer below 2**31, got {2**31}"),
+        (["--prompt", "12\udcff"], "argument --prompt/-p: the prompt is not valid UTF-8 text (at character 2)"),
+        (["--system-prompt", "\udcff"], "argument --system-prompt: the system prompt is not valid UTF-8 text"),
+    ],
+)
+def test_values_the_sampler_cannot_hold_exit_2(argv, message, capsys):
+    """Values past float32's range (the sampler's) or int32's, and text that is
+    not UTF-8 (argv bytes reach Python as lone surrogates): usage errors."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "x", "--prompt", "p", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def _stdin(monkeypatch, data: bytes) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"12\xff34", r"standard input is not UTF-8 text (byte 2: b'\xff')"),
+        (b"7" * 10_000_000, "standard input holds more than 81920 bytes: more than a prompt that fits the model's context"),
+    ],
+    ids=["not UTF-8", "10 MB"],
+)
+def test_bad_stdin_exits_1_with_one_line(monkeypatch, capsys, data, message):
+    _stdin(monkeypatch, data)
+    assert main(["--model", "demo", "--prompt", "-"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_system_prompt_does_not_open_the_door_to_unknown_characters(capsys):
+    assert main(["--model", "demo", "--prompt", "abc", "--system-prompt", "<pad>"]) == 1
+    assert "does not know: 'a', 'b', 'c'" in capsys.readouterr().err
+
+
+def _command(args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlx_diffusiongemma.generate", *args], cwd=ROOT, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, **kwargs,
+    )
+
+
+def test_interrupt_is_one_line_and_exit_130():
+    import signal
+    import time
+
+    process = _command(["--model", "demo", "--prompt", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    time.sleep(5)  # loaded, reading the prompt from stdin
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.decode().strip().splitlines() == ["python -m mlx_diffusiongemma.generate: interrupted"]
+
+
+def test_a_reader_that_stops_ends_it_quietly(tmp_path):
+    (tmp_path / "prompts.txt").write_text("81502739\n" * 40)
+    process = _command(["--model", "demo", "--prompts-file", str(tmp_path / "prompts.txt")], stdout=subprocess.PIPE)
+    assert process.stdout.read(20)
+    process.stdout.close()  # as `| head -c 20` does
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 141 and err.decode() == ""

@@ -223,3 +223,56 @@ def test_unknown_combination_of_known_characters(tmp_path):
     assert render_prompt(tokenizer, "a b") == [1, 2]
     with pytest.raises(ValueError, match=r"^the tokenizer does not know parts of the prompt \(it encodes them as <unk>\)"):
         render_prompt(tokenizer, "a ab")
+
+
+def test_typing_the_unknown_token_excuses_only_itself(demo_tokenizer):
+    """Typed <pad> is allowed as often as it is typed; it does not let an
+    unknown character through, in the prompt or beside a system prompt."""
+    with pytest.raises(ValueError, match=r"does not know: 'a'"):
+        render_prompt(demo_tokenizer, "<pad>1a")
+    with pytest.raises(ValueError, match=r"does not know: 'a', 'b', 'c'"):
+        render_prompt(demo_tokenizer, "abc", system_prompt="<pad>")
+
+
+def test_the_demo_template_refuses_unknown_characters_for_every_tool(demo_tokenizer):
+    """mlx-lm renders the template itself (its server, its commands): the template says it there."""
+    import jinja2
+
+    with pytest.raises(jinja2.TemplateError, match=r'^the demo model knows the characters 0123456789= only, not "a"$'):
+        demo_tokenizer.apply_chat_template([{"role": "user", "content": "1a"}], add_generation_prompt=True)
+    assert demo_tokenizer.apply_chat_template([{"role": "user", "content": " <pad>12 "}], add_generation_prompt=True) == [2, 0, 4, 5, 13]
+
+
+def test_demo_pads_read_as_nothing(demo_tokenizer):
+    """mlx-lm's detokenizers print every token: the demo's <pad> decodes to
+    nothing, as transformers' decode(skip_special_tokens=True) reads it."""
+    detokenizer = demo_tokenizer.detokenizer
+    for t in [4, 0, 0, 5]:
+        detokenizer.add_token(t)
+    detokenizer.finalize()
+    assert detokenizer.text == "12" == demo_tokenizer.decode([4, 0, 0, 5], skip_special_tokens=True)
+
+
+def test_a_text_that_cannot_fit_is_refused_before_tokenizing(demo_tokenizer, monkeypatch):
+    model, _ = load("demo")
+    encoded = []
+    monkeypatch.setattr(type(demo_tokenizer._tokenizer), "encode", lambda *a, **k: encoded.append(1))
+    with pytest.raises(ValueError, match=r"^the prompt has 30000 characters: more tokens than the model's context of 4096 "):
+        diffusion_generate(model, demo_tokenizer, "7" * 30_000)
+    assert encoded == []
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"t_max": 1e39}, "t_max must be a number float32 holds"),
+        ({"t_min": 0.0, "t_max": 1e-300}, "t_max must be greater than t_min in float32"),
+        ({"confidence_threshold": 1e-46}, "confidence_threshold must be a number float32 holds"),
+        ({"min_confidence": 1e-300}, r"min_confidence must be in \(0, 1\]"),
+        ({"t_max": 10**400}, "t_max must be a number float32 holds"),
+        ({"self_conditioning_k": 2**31}, r"self_conditioning_k must be an integer below 2\*\*31"),
+    ],
+)
+def test_options_the_sampler_cannot_hold_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionOptions.check(options)
