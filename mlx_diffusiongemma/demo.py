@@ -25,7 +25,17 @@ from .cli import ArgumentParser
 DEMO_DIR = Path(__file__).parent / "demo_model"
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 CHARACTERS = list("0123456789=")
-CHAT_TEMPLATE = "{{ bos_token }}{{ messages[-1]['content'] | trim }}="
+# The last message, as `<bos>digits=`. A character the tokenizer does not know
+# would become <pad> (its unknown token) without a word: the template refuses
+# it, so every tool that renders the template (mlx-lm's server too) says so.
+CHAT_TEMPLATE = (
+    "{%- set text = messages[-1]['content'] | trim -%}"
+    "{%- for c in text.replace('<pad>', '') if c not in '" + "".join(CHARACTERS) + "' -%}"
+    "{%- if loop.first -%}{{ raise_exception('the demo model knows the characters "
+    + "".join(CHARACTERS) + " only, not ' ~ c | tojson) }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{{ bos_token }}{{ text }}="
+)
 MIN_DIGITS, MAX_DIGITS = 3, 8
 
 CONFIG = {
@@ -59,7 +69,9 @@ def write_tokenizer(path: Path) -> None:
     vocab = {t: i for i, t in enumerate(SPECIALS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
+    # <pad> reads as nothing, as transformers' decode(skip_special_tokens=True)
+    # drops it: mlx-lm's detokenizers print every token they are given
+    backend.decoder = decoders.Sequence([decoders.Replace("<pad>", ""), decoders.Fuse()])
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     # <pad> doubles as the declared unknown token, so an unknown character is an error (chat.render_prompt)
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
