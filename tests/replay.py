@@ -19,6 +19,7 @@ class Recording:
     canvases: list = field(default_factory=list)  # decoder input canvas per call
     self_conditioning: list = field(default_factory=list)  # None or np.ndarray per call
     logits: list = field(default_factory=list)  # decoder output per call
+    routing_margins: list = field(default_factory=list)  # per call: see _recording_routing
     sequence: np.ndarray = None  # generated part of `sequences`
     tokens_per_forward: float = None
 
@@ -44,6 +45,31 @@ def _recording_draws(recording: Recording):
         torch.randint, torch.multinomial = randint, multinomial
 
 
+@contextmanager
+def _recording_routing(reference, gaps: list):
+    """Appends to `gaps`, per decoder call, the smallest gap between the k-th
+    and (k+1)-th expert scores of the call's tokens in any decoder layer. A
+    port whose scores differ from the reference's by float32 rounding may send
+    a token at such a near-tie to the other expert: as right an answer, which
+    moves the logits by O(1)."""
+    k = reference.config.get_text_config().top_k_experts
+    call = []
+
+    def record(module, inputs, scores):
+        top = torch.topk(scores.reshape(-1, scores.shape[-1]), k + 1, dim=-1).values
+        call.append(float((top[:, k - 1] - top[:, k]).min()))
+        if len(call) == len(reference.model.decoder.layers):
+            gaps.append(min(call))
+            call.clear()
+
+    handles = [layer.router.proj.register_forward_hook(record) for layer in reference.model.decoder.layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def record_reference(reference, prompt_ids, seed: int = 0, **generate_kwargs) -> Recording:
     recording = Recording()
     forward = reference.forward
@@ -59,7 +85,7 @@ def record_reference(reference, prompt_ids, seed: int = 0, **generate_kwargs) ->
     reference.forward = recorded_forward
     torch.manual_seed(seed)
     try:
-        with _recording_draws(recording), torch.no_grad():
+        with _recording_draws(recording), _recording_routing(reference, recording.routing_margins), torch.no_grad():
             out = reference.generate(torch.tensor([prompt_ids]), **generate_kwargs)
     finally:
         del reference.forward

@@ -22,6 +22,10 @@ from mlx_diffusiongemma.generate import Draft, stream_diffusion_generate
 C = 12  # canvas length of the test checkpoints
 PROMPT = np.random.default_rng(0).integers(3, 320, 21).tolist()  # longer than the sliding window (8)
 LOOSE = dict(entropy_bound=20.0, stability_threshold=0, confidence_threshold=5.0)
+# Our router scores differ from the reference's float32 ones by up to 1.4e-5
+# (median 1.5e-6) on the random checkpoint; a token whose k-th and (k+1)-th
+# expert scores are closer than this may go to either expert.
+ROUTING_TIE = 3e-5
 
 
 def _reference_kwargs(settings: dict) -> dict:
@@ -150,15 +154,22 @@ def test_free_running_random_model_teacher_forced(random_checkpoint):
     print(f"\nfree-running on a near-uniform random model: first differing token "
           f"{differs[0] if differs.size else None} of {len(ours)}")
 
-    worst, cache, canvas = 0.0, None, -1
-    for i, (ids, sc, logits) in enumerate(zip(recording.canvases, recording.self_conditioning, recording.logits)):
+    worst, tied, cache, canvas = 0.0, [], None, -1
+    calls = zip(recording.canvases, recording.self_conditioning, recording.logits, recording.routing_margins)
+    for i, (ids, sc, logits, margin) in enumerate(calls):
         if sc is None:  # a new canvas: the context is the prompt and the reference's committed canvases
             canvas += 1
             cache = model.make_cache()
             model.encode(PROMPT + recording.sequence[: canvas * C].tolist(), cache)
         ours = np.array(model.decode(ids, cache, None if sc is None else mx.array(sc)))
-        worst = max(worst, float(np.abs(ours - logits).max()))
-    print(f"teacher-forced: {len(recording.logits)} decoder calls, max |logit diff| {worst:.2e}")
+        diff = float(np.abs(ours - logits).max())
+        if margin < ROUTING_TIE:  # which expert float32 rounding picks is a coin toss: reported, not bound
+            tied.append(f"{i} (expert gap {margin:.1e}, |logit diff| {diff:.1e})")
+        else:
+            worst = max(worst, diff)
+    print(f"teacher-forced: {len(recording.logits)} decoder calls, max |logit diff| {worst:.2e}; "
+          f"at a routing tie: {', '.join(tied) or 'none'}")
+    assert len(tied) <= len(recording.logits) // 10, "too many routing ties to check this recording"
     # The reference's own float32 logits differ from its float64 ones by up to
     # 2.2e-4 on these calls (benchmarks/generate_replay.py); a wrong input,
     # weight or cache position moves logits by 1e-2 or more.
