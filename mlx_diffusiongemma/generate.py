@@ -291,10 +291,10 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
             self_conditioning = tree_map(lambda x: x[index], self_conditioning)
             acceptance.keep(index)
             stopping.keep(index)
-            cache = [_keep_rows(c, index) for c in cache[: len(model.layers)]]
+            cache = [filter_rows(c, index) for c in cache[: len(model.layers)]]
 
 
-def _keep_rows(cache, index: mx.array):
+def filter_rows(cache, index: mx.array):
     """A batch cache of these rows only (a copy: the batch's own keeps every row)."""
     kept = copy.copy(cache)
     kept.filter(index)
@@ -406,7 +406,7 @@ def stream_diffusion_generate(
                 break
             if len(still) < len(going):
                 keep = mx.array(still)
-                cache = [_keep_rows(c, keep) for c in cache[: len(model.layers)]]
+                cache = [filter_rows(c, keep) for c in cache[: len(model.layers)]]
                 committed = committed[keep]
                 going = [going[p] for p in still]
             with mx.stream(generation_stream):

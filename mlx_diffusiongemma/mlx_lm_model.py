@@ -77,7 +77,7 @@ from mlx_lm.models.cache import (
     dynamic_roll,
 )
 
-from .generate import DiffusionOptions, denoise_canvas, stream_diffusion_generate
+from .generate import DiffusionOptions, denoise_canvas, filter_rows, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .model import Model as DiffusionGemma
 from .model import _context
@@ -288,24 +288,42 @@ class Model(DiffusionGemma):
         """Write fed context into the layer caches: encoded, except the rows
         that feed their held canvas (its keys and values) and the rows already
         past the room for a canvas (zeros: they end with eos, see the module
-        docstring). When every row is past it, no encoder pass runs."""
-        L = inputs.shape[1]
-        if all(past):
-            for layer, attention in zip(layers, (l.self_attn for l in self.layers)):
-                zeros = mx.zeros((inputs.shape[0], attention.n_kv_heads, L, attention.head_dim), self.dtype)
-                layer.update_and_fetch(zeros, zeros)
-            mx.eval([c.state for c in layers])
-        elif any(held) or any(past):
-            substituted = mx.array([h or p for h, p in zip(held, past)])
-            keep_held = mx.array(held)[:, None, None, None]
-            layers_in = [
-                _Substituted(c, *(mx.where(keep_held, a, 0) for a in kv), substituted)
-                for c, kv in zip(layers, self._held_rows(pending, index, L))
-            ]
+        docstring). Rows past it take no part in an encoder pass: the other
+        rows are encoded apart, against their own context only (a row past the
+        context may hold far more than any other row, and attending over it
+        would cost as much as encoding it)."""
+        if any(past):
+            self._write_beside_past(inputs, layers, pending, index, held, past)
+        elif any(held):
+            mask = mx.array(held)
+            layers_in = [_Substituted(c, *kv, mask) for c, kv in zip(layers, self._held_rows(pending, index, inputs.shape[1]))]
             self.encode_chunk(inputs, layers_in)
             mx.eval([c.state for c in layers])
         else:
             self.encode(inputs, layers)
+
+    def _write_beside_past(self, inputs: mx.array, layers: list, pending: list, index: list, held: list, past: list) -> None:
+        """Per layer, zeros for the rows past the context, the held keys and
+        values for the rows feeding their canvas, and for the others what
+        encoding them alone (`lookahead` on their rows of the caches) gives."""
+        B, L = inputs.shape
+        live = [r for r in range(B) if not (held[r] or past[r])]
+        if live:
+            rows = mx.array(live)
+            computed = self.lookahead(inputs[rows], [filter_rows(c, rows) for c in layers])
+        held_kv = self._held_rows(pending, index, L) if any(held) else [None] * len(layers)
+        keep_held = mx.array(held)[:, None, None, None]
+        for i, (layer, attention) in enumerate(zip(layers, (l.self_attn for l in self.layers))):
+            written = []
+            for k in (0, 1):  # keys, values
+                out = mx.zeros((B, attention.n_kv_heads, L, attention.head_dim), self.dtype)
+                if held_kv[i] is not None:
+                    out = mx.where(keep_held, held_kv[i][k], out)
+                if live:
+                    out[rows] = computed[i][k].astype(self.dtype)
+                written.append(out)
+            layer.update_and_fetch(*written)
+        mx.eval([c.state for c in layers])
 
     def _warn_context_full(self, offsets: list, rows: list) -> None:
         longest = max(offsets[r] for r in rows)

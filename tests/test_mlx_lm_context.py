@@ -98,3 +98,37 @@ def test_batch_rows_past_the_context_end_alone(short_demo):
     batch = batch_generate(model, tokenizer, prompts, max_tokens=16, prefill_batch_size=3, completion_batch_size=3)
     assert batch.texts == alone
     assert alone == ["01235789", "", "1234"]
+
+
+@pytest.mark.parametrize("window", [8, 64], ids=["ring wraps", "window holds all"])
+def test_rows_beside_a_row_past_the_context_are_encoded_alone(short_demo, tmp_path, window, monkeypatch):
+    """A batch call where one row is past the context: that row gets zeros
+    and no encoder pass; the other rows' keys and values are what encoding
+    them alone writes (so nothing attends over the long row's cache)."""
+    path = tmp_path / "model"
+    shutil.copytree(short_demo, path)
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["sliding_window"] = window
+    (path / "config.json").write_text(json.dumps(config))
+    model, _ = mlx_lm.load(str(path))
+    long, short, fed = list(range(3, 13)) * 5 + [3] * 5, [2, 5, 6], [[7, 8, 9, 10], [11, 12, 13, 3]]
+    caches = [make_prompt_cache(model), make_prompt_cache(model)]
+    model(mx.array([long]), caches[0])  # 55 tokens: no room left for a canvas of 12
+    model(mx.array([short]), caches[1])
+    batch = [c.merge([a, b]) for c, a, b in zip(caches[0], caches[0], caches[1])]
+    rows = []
+    encode_chunk = Model.encode_chunk
+    monkeypatch.setattr(Model, "encode_chunk", lambda self, ids, c: rows.append(ids.shape[0]) or encode_chunk(self, ids, c))
+    model(mx.array(fed), batch)
+    monkeypatch.undo()
+    assert rows == [1]  # the short row alone
+    alone = make_prompt_cache(model)
+    model(mx.array([short]), alone)
+    model(mx.array([fed[1]]), alone)
+    L = len(model.layers)
+    for layer, own in zip(batch[:L], alone[:L]):
+        ours_k, ours_v = (a[..., -4:, :] for a in layer.extract(1).state[:2])
+        own_k, own_v = (a[..., own.offset - 4 : own.offset, :] if a.ndim else a for a in own.state[:2])
+        assert mx.allclose(ours_k, own_k, atol=1e-6) and mx.allclose(ours_v, own_v, atol=1e-6)
+        past_k, past_v = (a[..., -4:, :] for a in layer.extract(0).state[:2])
+        assert not past_k.any() and not past_v.any()
