@@ -30,13 +30,14 @@ from .load import (
     _as_dtype,
     check_weights,
     load_config,
+    load_generation_config,
     load_safetensors,
     quantization_of,
     quantization_plan,
     resolve,
 )
 from .model import VISION_PREFIXES, Model, ModelArgs
-from .staging import staged
+from .staging import claimed, staged
 
 # What mlx-lm and mlx-vlm read besides the weights and config.json.
 COPIED_FILES = (
@@ -204,18 +205,65 @@ def convert(
 
     Everything is written to a hidden sibling of `mlx_path` that replaces it
     only once complete (`staging.staged`), so a failed or interrupted run leaves
-    no (or the old) output. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
+    no (or the old) output. The run holds `mlx_path` from its first check to the
+    swap (`staging.claimed`): a second run into it is refused, and without
+    `force` nothing found there at the swap is replaced, even if it appeared
+    during the run. Without `dtype` weights keep the checkpoint's dtype. `q_bits` and
     `q_group_size` default as in mlx-lm (4 and 64; the float modes fix both).
     """
     max_bytes = int(check_shard_size(max_shard_size_gb) * (1 << 30))
-    dst = Path(mlx_path).expanduser()
-    _check_destination(dst, force)
     if q_mode in MODE_BITS and q_bits not in (None, MODE_BITS[q_mode]):
         raise ValueError(f"--q-mode {q_mode} quantizes to {MODE_BITS[q_mode]} bits, not {q_bits}")
     if quant_predicate not in RECIPES:
         raise ValueError(f"unknown recipe {quant_predicate!r}; choose one of {sorted(RECIPES)}")
     cast = _as_dtype(dtype) if dtype is not None else None
+    dst = Path(mlx_path).expanduser()
+    with claimed(dst):  # from the first check to the swap
+        _check_destination(dst, force)
+        src, config, skeleton, tensors = _read_source(hf_path, dst)
+        kept_dtype = dtype or str(tensors["model.decoder.norm.weight"].dtype).rpartition(".")[2]
 
+        plan, quantization = {}, None
+        if quantize:
+            bits = q_bits or MODE_BITS.get(q_mode, 4)
+            plan, quantization = quantization_plan(skeleton, bits, q_group_size or 64, q_mode, quant_predicate)
+            config["quantization"] = quantization  # save_config adds the `quantization_config` copy
+        if dtype is not None:
+            for section in (config, config.get("text_config") or {}):
+                for key in ("dtype", "torch_dtype"):
+                    if key in section:
+                        section[key] = dtype
+        description = _describe(quantization, kept_dtype)
+
+        print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
+        with staged(dst, replace=force) as staging:
+            writer = _ShardWriter(staging, max_bytes)
+            total_parameters = 0
+            for name in list(tensors):
+                total_parameters += tensors[name].size
+                # popped, so nothing here keeps the input alive once it is converted
+                writer.add(_convert_tensor(name, tensors.pop(name), plan, cast))
+            index = writer.finish(total_parameters)
+            save_config(config, staging / "config.json", keep_vision_config=True)
+            copied = [f for f in COPIED_FILES if (src / f).is_file()]
+            for f in copied:
+                shutil.copyfile(src / f, staging / f)
+            if not {"tokenizer.json", "tokenizer.model"} & set(copied):
+                print(f"[WARN] {src} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
+            (staging / "README.md").write_text(_model_card(str(hf_path), dst, upload_repo, description, index))
+        print(f"[INFO] Wrote {dst}: {index['metadata']['total_size'] / 1e9:.2f} GB in {len(writer.files)} shard(s)")
+        if upload_repo is not None:
+            try:
+                upload(dst, upload_repo)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"{dst} written, its upload to {upload_repo} not finished") from None
+    return dst
+
+
+def _read_source(hf_path: Union[str, Path], dst: Path) -> tuple:
+    """(directory, config, model skeleton, tensors under their output names) of
+    the checkpoint, checked as the loader checks it; tensors are lazy, only the
+    safetensors headers are read."""
     src = resolve(hf_path)
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise ValueError(f"{dst} holds the source checkpoint {src}; choose another output directory")
@@ -223,51 +271,19 @@ def convert(
     if quantization_of(config) is not None:
         raise ValueError(f"{src / 'config.json'}: the checkpoint is already quantized; convert the original one")
     try:
-        skeleton = Model(ModelArgs.from_dict(config))  # lazy: only names and shapes are used
+        args = ModelArgs.from_dict(config)
+        skeleton = Model(args)  # lazy: only names and shapes are used
     except (TypeError, ValueError) as e:
         raise ValueError(f"{src / 'config.json'}: {e}") from None
+    load_generation_config(src, args)  # copied as is: refused here rather than by the output's loader
 
     _add_global_head_dim(config)
-    weights = load_safetensors(src)  # lazy: only the headers are read here
+    weights = load_safetensors(src)
     check_weights(skeleton, skeleton.sanitize(weights), src)  # the loader's own checks, up front
     names = {old: new for new, old in skeleton.sanitize({k: k for k in weights}).items()}  # its renaming
     names.update((k, k) for k in weights if k.startswith(VISION_PREFIXES))
     tensors = {names[k]: v for k, v in weights.items() if k in names}  # lm_head and tied copies dropped
-    del weights
-    kept_dtype = dtype or str(tensors["model.decoder.norm.weight"].dtype).rpartition(".")[2]
-
-    plan, quantization = {}, None
-    if quantize:
-        bits = q_bits or MODE_BITS.get(q_mode, 4)
-        plan, quantization = quantization_plan(skeleton, bits, q_group_size or 64, q_mode, quant_predicate)
-        config["quantization"] = quantization  # save_config adds the `quantization_config` copy
-    if dtype is not None:
-        for section in (config, config.get("text_config") or {}):
-            for key in ("dtype", "torch_dtype"):
-                if key in section:
-                    section[key] = dtype
-    description = _describe(quantization, kept_dtype)
-
-    print(f"[INFO] Converting {len(tensors)} tensors from {src}: {description}")
-    with staged(dst) as staging:
-        writer = _ShardWriter(staging, max_bytes)
-        total_parameters = 0
-        for name in list(tensors):
-            total_parameters += tensors[name].size
-            # popped, so nothing here keeps the input alive once it is converted
-            writer.add(_convert_tensor(name, tensors.pop(name), plan, cast))
-        index = writer.finish(total_parameters)
-        save_config(config, staging / "config.json", keep_vision_config=True)
-        copied = [f for f in COPIED_FILES if (src / f).is_file()]
-        for f in copied:
-            shutil.copyfile(src / f, staging / f)
-        if not {"tokenizer.json", "tokenizer.model"} & set(copied):
-            print(f"[WARN] {src} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
-        (staging / "README.md").write_text(_model_card(str(hf_path), dst, upload_repo, description, index))
-    print(f"[INFO] Wrote {dst}: {index['metadata']['total_size'] / 1e9:.2f} GB in {len(writer.files)} shard(s)")
-    if upload_repo is not None:
-        upload(dst, upload_repo)
-    return dst
+    return src, config, skeleton, tensors
 
 
 def upload(path: Path, repo: str) -> None:
@@ -332,6 +348,9 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as e:  # Ctrl-C: by now `staged` and `claimed` have cleaned up
+        print(f"{parser.prog}: interrupted; {str(e) or f'{args.mlx_path} left as it was'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ mlx-vlm (quantized modules with `.scales` / `.biases`, per-module entries in
 
 import glob
 import json
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -20,7 +21,7 @@ from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
 from .model import MODEL_TYPE, GenerationConfig, Model, ModelArgs
-from .staging import staged
+from .staging import claimed, staged
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
@@ -30,6 +31,9 @@ _EIGHT_BIT_PARTS = (".self_attn.", ".mlp.")
 
 
 DEMO = "demo"  # the small model shipped inside the package (see demo.py)
+
+_SHOWN = reprlib.Repr()  # a value in a message: long containers cut short, file names whole
+_SHOWN.maxstring = 200
 
 
 def resolve(path_or_repo: Union[str, Path]) -> Path:
@@ -58,14 +62,22 @@ def resolve(path_or_repo: Union[str, Path]) -> Path:
         raise FileNotFoundError(f"cannot download {repo} from the hub: {e}") from None
 
 
+def _read_json(file: Path) -> dict:
+    """The JSON object `file` holds; anything else is a ValueError naming the file."""
+    try:
+        value = json.loads(file.read_bytes())  # bytes: json detects UTF-8/16/32 itself
+    except (ValueError, RecursionError) as e:  # bad JSON or text, an int past Python's digit limit, deep nesting
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {_SHOWN.repr(value)}")
+    return value
+
+
 def load_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: not a model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+    config = _read_json(config_file)
     model_type = config.get("model_type")
     if model_type != MODEL_TYPE:
         raise ValueError(
@@ -75,18 +87,35 @@ def load_config(path: Path) -> dict:
     return config
 
 
+def _indexed_shards(path: Path, index_file: Path) -> list:
+    """The shard files an index names. Each must be a plain `.safetensors` file
+    name, so the index cannot make the loader read a file outside the
+    checkpoint: the same files the unindexed glob would find. The shard itself
+    may be a symlink, as in the hub cache (its snapshots link into its blobs)."""
+    weight_map = _read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(
+            f"{index_file} is not a valid safetensors index: weight_map must be an object of weight names "
+            f"to shard files, got {_SHOWN.repr(weight_map)}"
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise ValueError(
+                f"{index_file}: weight_map[{_SHOWN.repr(key)}] is {_SHOWN.repr(name)}, but a shard must be "
+                f"the name of a .safetensors file in {path} (no directory part)"
+            )
+    files = [path / name for name in sorted(set(weight_map.values()))]
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{index_file} points at shard {f.name}, which is missing from {path}")
+    return files
+
+
 def load_safetensors(path: Path) -> dict:
     """Every tensor of a checkpoint, sharded (with an index) or not."""
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index_file} is not a valid safetensors index: {e}") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise FileNotFoundError(f"{index_file} points at shard {f.name}, which is missing from {path}")
+        files = _indexed_shards(path, index_file)
     else:
         files = [Path(f) for f in sorted(glob.glob(str(path / "*.safetensors")))]
         if not files:
@@ -186,9 +215,10 @@ def load_model(
     config = load_config(path)
     try:
         args = ModelArgs.from_dict(config)
+        model = Model(args)  # initialize_rope checks the rope parameters' keys it uses
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
-    model = Model(args)
+    generation_config = load_generation_config(path, args)  # checked before any weight is read
     weights = model.sanitize(load_safetensors(path))
     quantization = quantization_of(config)
     if quantization is not None:
@@ -207,29 +237,32 @@ def load_model(
         for layer in model.layers:
             mx.eval(layer.parameters())
     _cast_for_cpu_experts(model)
-    model.generation_config = GenerationConfig(load_generation_config(path))
+    model.generation_config = GenerationConfig(generation_config)
     mx.eval(model.parameters())
     model.eval()
     return model
 
 
-def load_generation_config(path: Path) -> dict:
-    """generation_config.json's settings (nulls mean unset), or {} without one."""
+def load_generation_config(path: Path, args: ModelArgs) -> dict:
+    """generation_config.json's settings (nulls mean unset), or {} without one.
+    Its eos ids are checked against the model's vocabulary here, where the
+    message can name the file: generation stops on them."""
     file = path / "generation_config.json"
     if not file.is_file():
         return {}
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON: {e}") from None
-    return {k: v for k, v in config.items() if v is not None}
+    config = {k: v for k, v in _read_json(file).items() if v is not None}
+    if "eos_token_id" in config:
+        try:
+            args.check_token_ids("eos_token_id", config["eos_token_id"])
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+    return config
 
 
-def _eos_token_ids(path: Path, config: dict) -> list:
-    eos = load_generation_config(path).get("eos_token_id")
-    if eos is None:
-        eos = config.get("text_config", {}).get("eos_token_id", 1)
-    return [eos] if isinstance(eos, int) else list(eos)
+def _eos_token_ids(model: Model) -> list:
+    """generation_config.json's eos ids, else config.json's, as a list."""
+    eos = model.generation_config.get("eos_token_id", model.args.eos_token_id)
+    return model.args.check_token_ids("eos_token_id", eos)
 
 
 def load(
@@ -249,7 +282,10 @@ def load(
     if adapter_path is not None:
         load_adapters(model, str(adapter_path))
         model.eval()
-    tokenizer = load_tokenizer(path, eos_token_ids=_eos_token_ids(path, load_config(path)))
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=_eos_token_ids(model))
+    except Exception as e:  # transformers re-reads config.json, strictly typed, and raises its own types
+        raise ValueError(f"{path}: cannot load the tokenizer: {' '.join(str(e).split())}") from None
     return model, tokenizer
 
 
@@ -345,10 +381,13 @@ def write_model(model: Model, directory: Path, config: dict) -> None:
 
 def save_model(model: Model, path: Union[str, Path], config: dict) -> Path:
     """Write weights and config.json into a fresh directory, atomically (see
-    `staging.staged`); a non-empty `path` is refused."""
+    `staging.staged`); a non-empty `path` is refused, up front and, should
+    one appear during the write, at the swap. Another writer to `path`
+    (`staging.claimed`) is refused."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
-    with staged(path) as staging:
-        write_model(model, staging, config)
+    with claimed(path):
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} exists and is not empty; refusing to overwrite it")
+        with staged(path, replace=False) as staging:
+            write_model(model, staging, config)
     return path

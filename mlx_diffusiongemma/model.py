@@ -52,9 +52,16 @@ _DEFAULT_ROPE = {
 }
 
 
+# mlx holds each dimension of an array as a 32-bit int: a larger size is an
+# OverflowError (or, multiplied out, a MemoryError) from deep inside mlx.
+_DIMENSION_LIMIT = 2**31
+
+
 def _check_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if value >= _DIMENSION_LIMIT:
+        raise ValueError(f"{name} must be below 2**31 (mlx's largest dimension), got {value!r}")
 
 
 def _check_number(name: str, value) -> None:
@@ -118,9 +125,9 @@ class ModelArgs(BaseModelArgs):
                 f"num_hidden_layers is {self.num_hidden_layers}"
             )
         self.layer_types[-1] = "full_attention"  # the reference forces this too
-        unknown = set(self.layer_types) - {"sliding_attention", "full_attention"}
-        if unknown:
-            raise ValueError(f"unknown layer type(s) in layer_types: {sorted(unknown)}")
+        unknown = {repr(t) for t in self.layer_types if t not in ("sliding_attention", "full_attention")}
+        if unknown:  # reprs: an entry may be unhashable
+            raise ValueError(f"unknown layer type(s) in layer_types: {', '.join(sorted(unknown))}")
         for name in ("rope_parameters", "per_layer_config"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
@@ -128,6 +135,7 @@ class ModelArgs(BaseModelArgs):
         rope = copy.deepcopy(_DEFAULT_ROPE)
         rope.update(copy.deepcopy(self.rope_parameters or {}))
         self.rope_parameters = rope
+        self._check_rope()
         per_layer = {}
         for key, override in (self.per_layer_config or {}).items():
             if not isinstance(override, dict) or not str(key).isdigit():
@@ -142,6 +150,57 @@ class ModelArgs(BaseModelArgs):
                 f"hidden_activation {self.hidden_activation!r} is not supported "
                 "(DiffusionGemma uses 'gelu_pytorch_tanh')"
             )
+        if not isinstance(self.attention_bias, bool):
+            raise ValueError(f"attention_bias must be true or false, got {self.attention_bias!r}")
+        if self.use_bidirectional_attention not in (None, "all", "vision"):
+            raise ValueError(
+                "use_bidirectional_attention must be 'all', 'vision' or null, "
+                f"got {self.use_bidirectional_attention!r}"
+            )
+        self.check_token_ids("eos_token_id", self.eos_token_id)
+        self._check_widths()
+
+    def _check_rope(self) -> None:
+        """The entries the two attention kinds read, as `initialize_rope` uses
+        them (it checks rope_type itself)."""
+        for kind in ("sliding_attention", "full_attention"):
+            entry = self.rope_parameters[kind]
+            if not isinstance(entry, dict):
+                raise ValueError(f"rope_parameters.{kind} must be an object, got {entry!r}")
+            _check_number(f"rope_parameters.{kind}.rope_theta", entry.get("rope_theta"))
+            for name in ("factor", "partial_rotary_factor"):
+                if name in entry:
+                    _check_number(f"rope_parameters.{kind}.{name}", entry[name])
+            if entry.get("partial_rotary_factor", 1) > 1:
+                raise ValueError(
+                    f"rope_parameters.{kind}.partial_rotary_factor must be at most 1, "
+                    f"got {entry['partial_rotary_factor']!r}"
+                )
+
+    def _check_widths(self) -> None:
+        """The projections' widths are products of fields: each must fit an mlx
+        dimension too (see `_DIMENSION_LIMIT`)."""
+        widths = {"2 * moe_intermediate_size": 2 * self.moe_intermediate_size}
+        shapes = {"": (self.head_dim, self.num_key_value_heads)}
+        shapes.update((f" of layer {i}", self.attention_shape(i)) for i in self.per_layer_config)
+        for where, (head_dim, kv_heads) in shapes.items():
+            widths[f"num_attention_heads * head_dim{where}"] = self.num_attention_heads * head_dim
+            widths[f"num_key_value_heads * head_dim{where}"] = kv_heads * head_dim
+        for name, width in widths.items():
+            if width >= _DIMENSION_LIMIT:
+                raise ValueError(f"{name} must be below 2**31 (mlx's largest dimension), got {width}")
+
+    def check_token_ids(self, name: str, value) -> list:
+        """`value`, a token id or a list of them, as a list; each must be in
+        [0, vocab_size) (eos ids are compared with sampled tokens)."""
+        ids = [value] if isinstance(value, int) else value
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids
+        ):
+            raise ValueError(
+                f"{name} must be a token id or a list of them, in [0, {self.vocab_size}), got {value!r}"
+            )
+        return list(ids)
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -185,6 +244,7 @@ class ModelArgs(BaseModelArgs):
                 for i, kind in enumerate(args.layer_types)
                 if kind == "full_attention"
             }
+            args._check_widths()
         return args
 
     def attention_shape(self, layer_idx: int):

@@ -46,7 +46,7 @@ from mlx_lm.utils import load_tokenizer
 from .cli import ArgumentParser
 from .load import load, load_config, load_model, write_model
 from .model import Model, ModelArgs
-from .staging import staged
+from .staging import claimed, staged
 
 
 @dataclass
@@ -253,7 +253,8 @@ def main(argv=None) -> int:
     eos = sorted(tokenizer.eos_token_ids)[0]
     train_blocks = encode_pairs(tokenizer, read_pairs(args.data / "train.jsonl"), model.args, eos)
     valid_blocks = encode_pairs(tokenizer, read_pairs(args.data / "valid.jsonl"), model.args, eos)
-    train(model, config, train_blocks, valid_blocks, args.out, training, source=source, resume=args.resume)
+    with claimed(args.out):  # no second run writes the same checkpoint meanwhile
+        train(model, config, train_blocks, valid_blocks, args.out, training, source=source, resume=args.resume)
     print(f"\nsaved to {args.out}")
     return 0
 

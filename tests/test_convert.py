@@ -383,3 +383,133 @@ def test_mlx_lm_convert_uses_the_same_recipe(hf, hf_bf16, tmp_path, capsys, sour
     assert differ == expected and (not cast_experts or len(expected) == 16)
     for k in expected:
         assert (a[k].dtype, b[k].dtype) == (mx.float32, mx.bfloat16) and mx.array_equal(a[k].astype(mx.bfloat16), b[k])
+
+
+def stalled_convert(hf, out, *flags, until: Path) -> subprocess.Popen:
+    """The CLI in a child process that, once it has written its first shard,
+    prints "shard written" and waits for `until` to exist (SIGINT wakes it)."""
+    script = textwrap.dedent(f"""
+        import signal, sys, time
+        from pathlib import Path
+        from mlx_diffusiongemma import convert
+        # as in a terminal, whatever the test runner's own handling of SIGINT
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        save = convert.mx.save_safetensors
+        def save_and_stall(*args, **kwargs):
+            save(*args, **kwargs)
+            print("shard written", flush=True)
+            while not Path({str(until)!r}).exists():
+                time.sleep(0.05)
+        convert.mx.save_safetensors = save_and_stall
+        sys.argv = ["convert", "--hf-path", {str(hf)!r}, "--mlx-path", {str(out)!r}, "-q",
+                    "--max-shard-size-gb", "0.0004", *{[str(f) for f in flags]!r}]
+        convert.main()
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("shard written"):
+            return proc
+    proc.wait(timeout=30)
+    raise AssertionError(f"the child ended before its first shard: {proc.stderr.read()}")
+
+
+def test_second_run_into_the_same_destination_is_refused(hf, tmp_path):
+    """Two processes, one destination: the second is refused while the first
+    runs (naming it), and the first's output is the one that lands."""
+    out, go = tmp_path / "out", tmp_path / "go"
+    first = stalled_convert(hf, out, until=go)
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "mlx_diffusiongemma.convert", "--hf-path", str(hf), "--mlx-path", str(out)],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120,
+        )
+        err = second.stderr.strip().splitlines()
+        assert second.returncode == 1 and len(err) == 1, second.stderr
+        assert err[0].startswith("error: ") and str(out) in err[0] and f"pid {first.pid} " in err[0]
+        assert "Wrote" not in second.stdout
+    finally:
+        go.touch()
+    assert first.wait(timeout=120) == 0
+    assert "[INFO] Wrote" in first.stdout.read()
+    assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4  # the first run's (-q)
+    assert siblings(out) == ["out"]
+
+
+@pytest.mark.parametrize("what", ["new-directory", "file", "into-empty", "force"])
+def test_output_that_appears_during_the_run_is_kept(hf, tmp_path, capsys, monkeypatch, what):
+    """Without --force, the swap takes the place of nothing or of an empty
+    directory only: what someone else wrote there meanwhile stays, the run fails."""
+    out, save = tmp_path / "out", convert_module.mx.save_safetensors
+    if what in ("into-empty", "force"):
+        out.mkdir()
+
+    def save_while_someone_writes(path, tensors, metadata):
+        save(path, tensors, metadata=metadata)
+        if what == "file":
+            out.write_text("theirs")
+        else:
+            out.mkdir(exist_ok=True)
+            (out / "theirs.txt").write_text("theirs")
+
+    monkeypatch.setattr(convert_module.mx, "save_safetensors", save_while_someone_writes)
+    code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", out, "-q", *(["--force"] if what == "force" else []))
+    assert siblings(out) == ["out"]
+    if what == "force":  # replacing is what --force asks for
+        assert code == 0 and (out / "config.json").is_file() and not (out / "theirs.txt").exists()
+        return
+    assert code == 1 and len(err) == 1 and err[0].startswith("error: ") and str(out) in err[0], err
+    assert (out if what == "file" else out / "theirs.txt").read_text() == "theirs"
+    assert what == "file" or [p.name for p in out.iterdir()] == ["theirs.txt"]
+
+
+@pytest.mark.parametrize("cwd,mlx_path", [("out", "."), ("out/sub", "..")])
+def test_destination_holding_the_working_directory_is_refused_up_front(hf, tmp_path, capsys, monkeypatch, cwd,
+                                                                       mlx_path):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    monkeypatch.chdir(tmp_path / cwd)
+    code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", mlx_path, "-q", "--force")
+    assert code == 1 and len(err) == 1 and str(out) in err[0] and "current directory" in err[0], err
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "sub"] and not list((out / "sub").iterdir())
+    assert siblings(out) == ["out"]
+
+
+def test_interrupt_exits_130_with_one_line_and_loses_nothing(hf, tmp_path):
+    """Ctrl-C mid-conversion, over an old output with --force: one line, exit 130,
+    the old output as it was, nothing staged left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    proc = stalled_convert(hf, out, "--force", until=tmp_path / "never")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert proc.stderr.read().splitlines() == [
+        f"python -m mlx_diffusiongemma.convert: interrupted; {out} left as it was"
+    ]
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and (out / "old.txt").read_text() == "old"
+    assert siblings(out) == ["out"]
+
+
+def test_bad_generation_config_is_refused_before_writing(hf, tmp_path, capsys):
+    src = _damage(hf, tmp_path, "none")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 320]}))  # vocab_size is 320
+    code, err = run_cli(capsys, "--hf-path", src, "--mlx-path", tmp_path / "out", "-q")
+    assert code == 1 and len(err) == 1 and "generation_config.json" in err[0] and "eos_token_id" in err[0], err
+    assert siblings(tmp_path / "out") == []
+
+
+def test_interrupted_upload_says_the_output_is_written(hf, tmp_path, capsys, monkeypatch):
+    class InterruptedApi:
+        def create_repo(self, **kwargs):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_module, "HfApi", InterruptedApi)
+    out = tmp_path / "out"
+    code, err = run_cli(capsys, "--hf-path", hf, "--mlx-path", out, "--upload-repo", "me/dg")
+    assert code == 130 and err == [
+        f"python -m mlx_diffusiongemma.convert: interrupted; {out} written, its upload to me/dg not finished"
+    ]
+    assert (out / "config.json").is_file() and siblings(out) == ["out"]

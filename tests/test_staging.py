@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_diffusiongemma.staging import staged
+from mlx_diffusiongemma.staging import claimed, staged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,3 +144,89 @@ def test_failed_final_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
         with staged(out) as staging:
             (staging / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["old.txt"] and hidden(out) == []
+
+
+def lock_of(destination: Path) -> Path:
+    return destination.with_name(f".{destination.name}-lock")
+
+
+def test_claim_refuses_a_second_writer_until_its_holder_is_gone(tmp_path):
+    """The lock is the kernel's: held while its process runs, SIGKILL included,
+    free once it is gone (the lock file it left is reused, then removed)."""
+    out = tmp_path / "out"
+    holder = child(f"""
+        import time
+        from mlx_diffusiongemma.staging import claimed
+        with claimed(Path({str(out)!r})):
+            print("claimed", flush=True)
+            time.sleep(120)
+    """)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(BlockingIOError) as refused:
+            with claimed(out):
+                pass
+        message = str(refused.value)
+        assert "\n" not in message and str(out) in message and f"pid {holder.pid} " in message
+        with pytest.raises(BlockingIOError):  # staged writes under a claim are refused as well
+            with claimed(out), staged(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert lock_of(out).exists() and hidden(out) == []  # what SIGKILL left: a lock file nobody holds
+    with claimed(out) as claimed_out, staged(out) as staging:
+        assert claimed_out == out and f"pid {os.getpid()} " in lock_of(out).read_text()
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and not lock_of(out).exists() and hidden(out) == []
+
+
+def test_claim_never_writes_through_a_planted_link(tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock_of(out).symlink_to(victim)
+    with pytest.raises(OSError, match=str(lock_of(out))):
+        with claimed(out):
+            pass
+    assert victim.read_text() == "precious" and not out.exists()
+
+
+@pytest.mark.parametrize("what", ["directory", "file", "into-empty"])
+def test_staged_without_replace_keeps_what_appeared_meanwhile(tmp_path, what):
+    out = tmp_path / "out"
+    if what == "into-empty":
+        out.mkdir()
+    with pytest.raises(FileExistsError) as refused:
+        with staged(out, replace=False) as staging:
+            (staging / "new.txt").write_text("new")
+            if what == "file":
+                out.write_text("theirs")
+            else:
+                out.mkdir(exist_ok=True)
+                (out / "theirs.txt").write_text("theirs")
+    assert "\n" not in str(refused.value) and str(out) in str(refused.value)
+    kept = out if what == "file" else out / "theirs.txt"
+    assert kept.read_text() == "theirs" and hidden(out) == []
+
+
+def test_staged_without_replace_takes_an_empty_directory(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with staged(out, replace=False) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and hidden(out) == []
+
+
+@pytest.mark.parametrize("cwd", ["out", "out/sub"])
+def test_the_working_directory_and_its_parents_are_refused_up_front(tmp_path, monkeypatch, cwd):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    monkeypatch.chdir(tmp_path / cwd)
+    for destination in (out, Path(".") if cwd == "out" else Path("..")):
+        for claim in (claimed, staged):
+            with pytest.raises(ValueError, match="current directory"):
+                with claim(destination):
+                    raise AssertionError("not reached")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
