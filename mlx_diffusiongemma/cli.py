@@ -24,6 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
     block, so scripts can show it as is."""
 
     def error(self, message):
+        message = message.replace("\n", "\\n")  # one line, whatever the arguments held
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -69,7 +69,7 @@ class DiffusionOptions:
             values["eos_token_id"] = sorted(tokenizer.eos_token_ids)
         values.update({k: v for k, v in overrides.items() if v is not None})
         eos = values.get("eos_token_id", ())
-        values["eos_token_id"] = tuple([eos] if isinstance(eos, (int, np.integer)) else eos)
+        values["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)  # check_token_ids names a bad one
         options = cls(**values)
         cls.check(asdict(options))
         options.check_token_ids(model.args.vocab_size)
@@ -95,7 +95,7 @@ class DiffusionOptions:
                 or not ((0 < value if positive else 0 <= value) and value < math.inf)
             ):
                 raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
-            if name in values and not (0 < _float32(value) if positive else _float32(value) < math.inf):
+            if name in values and not ((0 < _float32(value) if positive else True) and _float32(value) < math.inf):
                 raise ValueError(f"{name} must be a number float32 holds (the sampler computes in float32), got {value!r}")
 
         integer("max_tokens", 1)

@@ -138,6 +138,36 @@ def quantization_of(config: dict) -> Optional[dict]:
     return None
 
 
+def check_quantization(quantization: dict, config_file: Path, model: nn.Module) -> None:
+    """The setting and each of the model's modules' entries (a setting, or
+    true/false) as mx.quantize takes them, checked here where the message can
+    name the file: mlx refuses a bad one with a message naming neither (a
+    group size of 0 crashes the process). Other keys are not read."""
+    _check_setting(quantization, "quantization", config_file, quantization.get("mode", "affine"))
+    modules = dict(model.named_modules())
+    for key, entry in quantization.items():
+        if key not in modules:
+            continue
+        if isinstance(entry, dict):
+            # a module's own setting is affine unless it says otherwise (mlx's to_quantized default)
+            _check_setting(entry, f"quantization[{key!r}]", config_file, "affine")
+        elif not isinstance(entry, bool):
+            raise ValueError(f"{config_file}: quantization[{key!r}] must be an object or true/false, got {_SHOWN.repr(entry)}")
+
+
+def _check_setting(entry: dict, name: str, config_file: Path, default_mode: str) -> None:
+    mode = entry.get("mode", default_mode)
+    if mode not in GROUP_SIZES:
+        raise ValueError(f"{config_file}: {name}.mode must be one of {', '.join(GROUP_SIZES)}, got {_SHOWN.repr(mode)}")
+    for field, allowed in (("bits", BITS[mode]), ("group_size", GROUP_SIZES[mode])):
+        value = entry.get(field)
+        if isinstance(value, bool) or value not in allowed:
+            raise ValueError(
+                f"{config_file}: {name}.{field} must be one of {', '.join(map(str, allowed))} for {mode}, "
+                f"got {_SHOWN.repr(value)}"
+            )
+
+
 def _apply_quantization(model: nn.Module, quantization: dict, weights: dict) -> None:
     """Swap in quantized modules where the checkpoint has them, before loading."""
 
@@ -222,6 +252,7 @@ def load_model(
     weights = model.sanitize(load_safetensors(path))
     quantization = quantization_of(config)
     if quantization is not None:
+        check_quantization(quantization, path / "config.json", model)
         _apply_quantization(model, quantization, weights)
     if dtype is not None:
         dtype = _as_dtype(dtype)
@@ -304,6 +335,7 @@ def mlx_community_recipe(path: str, module: nn.Module):
 
 RECIPES = {"mlx-community": mlx_community_recipe}
 GROUP_SIZES = {"affine": (32, 64, 128), "mxfp4": (32,), "mxfp8": (32,), "nvfp4": (16,)}  # what mx.quantize takes
+BITS = {"affine": (2, 3, 4, 5, 6, 8), "mxfp4": (4,), "mxfp8": (8,), "nvfp4": (4,)}
 
 
 def quantization_plan(

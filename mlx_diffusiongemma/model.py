@@ -55,6 +55,7 @@ _DEFAULT_ROPE = {
 # mlx holds each dimension of an array as a 32-bit int: a larger size is an
 # OverflowError (or, multiplied out, a MemoryError) from deep inside mlx.
 _DIMENSION_LIMIT = 2**31
+MAX_LAYERS = 4096  # the released model has 30
 
 
 def _check_int(name: str, value) -> None:
@@ -104,6 +105,13 @@ class ModelArgs(BaseModelArgs):
         # TypeError or ZeroDivisionError from deep inside the model.
         for name in (*_REQUIRED_TEXT_FIELDS, "canvas_length", "sliding_window", "max_position_embeddings"):
             _check_int(name, getattr(self, name))
+        if self.num_hidden_layers > MAX_LAYERS:  # a larger list of layers takes minutes to build before weights refuse it
+            raise ValueError(f"num_hidden_layers must be at most {MAX_LAYERS}, got {self.num_hidden_layers}")
+        if self.canvas_length > self.max_position_embeddings:
+            raise ValueError(
+                f"canvas_length ({self.canvas_length}) must fit the context, max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
         if self.top_k_experts > self.num_experts:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must not exceed num_experts ({self.num_experts})"
@@ -159,6 +167,11 @@ class ModelArgs(BaseModelArgs):
             )
         self.check_token_ids("eos_token_id", self.eos_token_id)
         self._check_widths()
+        if self.num_attention_heads * self.canvas_length**2 >= _DIMENSION_LIMIT:
+            raise ValueError(
+                f"canvas_length {self.canvas_length} is too long to denoise: one canvas's attention scores "
+                f"(num_attention_heads x canvas_length**2) must stay below 2**31"
+            )
 
     def _check_rope(self) -> None:
         """The entries the two attention kinds read, as `initialize_rope` uses

@@ -200,9 +200,16 @@ def test_interrupt_is_one_line_and_exit_130():
 
 
 def test_a_reader_that_stops_ends_it_quietly(tmp_path):
-    (tmp_path / "prompts.txt").write_text("81502739\n" * 40)
+    (tmp_path / "prompts.txt").write_text("81502739\n" * 400)  # its output overflows the pipe's buffer
     process = _command(["--model", "demo", "--prompts-file", str(tmp_path / "prompts.txt")], stdout=subprocess.PIPE)
     assert process.stdout.read(20)
     process.stdout.close()  # as `| head -c 20` does
     _, err = process.communicate(timeout=120)
     assert process.returncode == 141 and err.decode() == ""
+
+
+def test_a_usage_error_is_one_line_whatever_the_arguments_hold(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "demo", "--prompt", "x", "a\nb"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and r"unrecognized arguments: a\nb" in err, err

@@ -276,3 +276,16 @@ def test_a_text_that_cannot_fit_is_refused_before_tokenizing(demo_tokenizer, mon
 def test_options_the_sampler_cannot_hold_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         DiffusionOptions.check(options)
+
+
+@pytest.mark.parametrize("eos", [1.5, -1e39, "x", [1, 2.5]])
+def test_eos_ids_that_are_not_ids_are_refused(eos):
+    model, tokenizer = load("demo")
+    with pytest.raises(ValueError, match=r"^eos_token_id must hold token ids in \[0, 14\)"):
+        DiffusionOptions.resolve(model, tokenizer, {"eos_token_id": eos})
+
+
+@pytest.mark.parametrize("options", [{"entropy_bound": 3.5e38}, {"confidence_threshold": 10**400}])
+def test_positive_options_past_float32_are_refused(options):
+    with pytest.raises(ValueError, match=r"must be a number float32 holds"):
+        DiffusionOptions.check(options)
