@@ -79,6 +79,7 @@ from mlx_lm.models.cache import (
 
 from .generate import DiffusionOptions, denoise_canvas, filter_rows, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
+from .mlx_lm_internals import make_batch_cache, with_merge
 from .model import Model as DiffusionGemma
 from .model import _context
 from .model import ModelArgs
@@ -94,8 +95,7 @@ def _entry(keys: mx.array, values: mx.array) -> ConcatenateKVCache:
     """One sequence's held entry: two arrays [1, h, n, d] (see the module docstring)."""
     entry = ConcatenateKVCache()
     entry.state = (keys, values)
-    entry.merge = BatchHeld.merge
-    return entry
+    return with_merge(entry, BatchHeld.merge)
 
 
 def _padded(rows: list, length: int) -> mx.array:
@@ -409,9 +409,7 @@ class Model(DiffusionGemma):
                 for past, later in zip(_context(c), held)
             )
             keys, values = (mx.pad(a[..., a.shape[2] - real :, :], [(0, 0), (0, 0), (0, C), (0, 0)]) for a in (keys, values))
-            cache = BatchKVCache([0] * len(rows))
-            cache.state = (keys, values, offset, real - mx.minimum(offset, real), real)
-            caches.append(cache)
+            caches.append(make_batch_cache(keys, values, offset, real - mx.minimum(offset, real), real))
         return caches
 
     def _eos_ids(self) -> list:

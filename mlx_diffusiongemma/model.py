@@ -25,6 +25,8 @@ from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softc
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear
 
+from .mlx_lm_internals import kv_cache_context, rotating_in_order  # a leaf: imports nothing of the package
+
 MODEL_TYPE = "diffusion_gemma"
 # The vision tower's weights: a text-only port drops them (mlx-vlm reads them).
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
@@ -275,15 +277,12 @@ def _context(cache) -> tuple:
     the reference's sliding cache keeps them; a full layer's all. In a
     batch's BatchRotatingKVCache each row's context ends at the same index
     (left padding)."""
-    if isinstance(cache, BatchRotatingKVCache):
-        past_keys, past_values = (_temporal_order(cache, v) for v in (cache.keys, cache.values))
-    elif isinstance(cache, RotatingKVCache):
-        # the one private name the model uses; mlx-lm is pinned below 0.33 for it
-        past_keys, past_values = (cache._temporal_order(v) for v in (cache.keys, cache.values))
+    if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)):
+        past_keys, past_values = (rotating_in_order(cache, v) for v in (cache.keys, cache.values))
     elif isinstance(cache, BatchKVCache):
         past_keys, past_values = cache.keys_and_values()
     else:
-        past_keys, past_values = cache.keys[..., : cache.offset, :], cache.values[..., : cache.offset, :]
+        past_keys, past_values = kv_cache_context(cache)
     if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)):
         first = past_keys.shape[2] - min(cache.max_size - 1, past_keys.shape[2])
         past_keys, past_values = past_keys[..., first:, :], past_values[..., first:, :]
@@ -329,14 +328,6 @@ def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
         cache.trim(canvas)
         return (*both, None)
     return (*_with_context(cache, keys, values), None)
-
-
-def _temporal_order(cache, v: mx.array) -> mx.array:
-    """A BatchRotatingKVCache's keys or values, oldest first (its private
-    layout, mlx-lm < 0.33: a ring written at `_idx` once `rotated`)."""
-    if cache.rotated:
-        return mx.concatenate([v[..., cache._idx :, :], v[..., : cache._idx, :]], axis=2)
-    return v[..., : cache._idx, :]
 
 
 def _padding_mask(real: mx.array, context: int, canvas: int) -> mx.array:
