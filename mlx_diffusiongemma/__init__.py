@@ -2,18 +2,23 @@
 
 from .load import load, load_model, quantize, save_model
 from .model import Model, ModelArgs
-from .sampling import Randomness
 
-_GENERATE = ("DiffusionResponse", "diffusion_generate", "stream_diffusion_generate")
+# Imported on first use: `python -m mlx_diffusiongemma.generate` then runs a
+# module the package import has not already loaded, and a command that does
+# not generate (convert, train) imports neither the loop, the sampler nor the kernels.
+_LAZY = {
+    "DiffusionResponse": "generate",
+    "diffusion_generate": "generate",
+    "stream_diffusion_generate": "generate",
+    "Randomness": "sampling",
+}
 
 
 def __getattr__(name):
-    # Imported on first use, so `python -m mlx_diffusiongemma.generate` runs a
-    # module that the package import has not already loaded.
-    if name in _GENERATE:
-        from . import generate
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(generate, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [

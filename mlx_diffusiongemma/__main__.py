@@ -8,7 +8,8 @@ import random
 import re
 import sys
 
-from .cli import ArgumentParser, checked, parse_args
+from .arguments import ArgumentParser, checked
+from .cli import parse_args
 from .cli import main as generate
 from .demo import MAX_DIGITS, MIN_DIGITS, problem
 

@@ -1,6 +1,5 @@
-"""The commands' shared pieces (usage errors on one line, checked argument
-types) and the generate command, `python -m mlx_diffusiongemma.generate`:
-argument parsing, the live terminal canvas and the statistics line."""
+"""The generate command, `python -m mlx_diffusiongemma.generate`: argument
+parsing, the live terminal canvas and the statistics line."""
 
 import argparse
 import os
@@ -9,6 +8,7 @@ import sys
 
 import mlx.core as mx
 
+from .arguments import ArgumentParser, checked, str2bool
 from .generate import (
     ACCEPTANCE, SELF_CONDITIONING, Commit, DiffusionOptions, DiffusionResponse, stream_diffusion_generate,
 )
@@ -17,32 +17,6 @@ from .load import load
 from .sampling import check_seed
 
 PROG = "python -m mlx_diffusiongemma.generate"
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a usage error as one line (exit 2) instead of the usage
-    block, so scripts can show it as is."""
-
-    def error(self, message):
-        message = message.replace("\n", "\\n")  # one line, whatever the arguments held
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def checked(parse, check):
-    """An argparse `type=` that parses the text and then applies the API's own
-    check, so a value the API refuses is a usage error with the same message."""
-
-    def convert(text: str):
-        try:
-            value = parse(text)
-        except ValueError:
-            value = text  # the check names it as given
-        try:
-            return check(value)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return convert
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -59,7 +33,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
     p.add_argument("--max-tokens", "-m", type=int, default=None, help="rounded up to whole canvases")
     p.add_argument("--seed", type=checked(int, check_seed), default=None, help="an integer in [0, 2**64)")
-    p.add_argument("--verbose", type=_str2bool, default=True, help="live canvas and statistics (True/False)")
+    p.add_argument("--verbose", type=str2bool, default=True, help="live canvas and statistics (True/False)")
     g = p.add_argument_group("diffusion (defaults: the checkpoint's generation_config.json, then the reference)")
     g.add_argument("--max-denoising-steps", type=int, default=None)
     g.add_argument("--t-min", type=float, default=None)
@@ -88,14 +62,6 @@ def _text(what: str):
         return text
 
     return check
-
-
-def _str2bool(value: str) -> bool:
-    if value.lower() in ("true", "t", "1", "yes"):
-        return True
-    if value.lower() in ("false", "f", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 class _LiveCanvas:

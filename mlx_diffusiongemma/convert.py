@@ -23,7 +23,7 @@ import mlx.core as mx
 from huggingface_hub import HfApi, ModelCardData
 from mlx_lm.utils import save_config
 
-from .cli import ArgumentParser, checked
+from .arguments import ArgumentParser, checked
 from .load import (
     GROUP_SIZES,
     RECIPES,

@@ -20,7 +20,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from .cli import ArgumentParser
+from .arguments import ArgumentParser
 
 DEMO_DIR = Path(__file__).parent / "demo_model"
 SPECIALS = ["<pad>", "<eos>", "<bos>"]

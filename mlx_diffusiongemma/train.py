@@ -43,7 +43,7 @@ from mlx_lm.models.cache import ConcatenateKVCache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_tokenizer
 
-from .cli import ArgumentParser
+from .arguments import ArgumentParser
 from .load import load, load_config, load_model, write_model
 from .model import Model, ModelArgs
 from .staging import claimed, staged
