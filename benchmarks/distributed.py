@@ -35,7 +35,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_diffusiongemma import quantize
-from mlx_diffusiongemma.model import Experts, Model, ModelArgs, _keep_intermediate
+from mlx_diffusiongemma.model import Experts, Model, ModelArgs
+from mlx_diffusiongemma.tp import attention_splits, keep_intermediate
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = json.loads((ROOT / "tests" / "real_26b_config.json").read_text())
@@ -59,7 +60,7 @@ def all_reduces(model: Model, ranks: int, tokens: int, self_conditioned: bool, v
     split, the dense MLP and experts together in every layer, and the
     self-conditioning block when the pass is self-conditioned."""
     H = model.args.hidden_size
-    split = sum(layer.self_attn.splits(ranks) for layer in model.layers)
+    split = sum(attention_splits(layer.self_attn, ranks) for layer in model.layers)
     sites = [("attention", split, tokens * H * value_bytes),
              ("dense MLP + experts", len(model.layers), 2 * tokens * H * value_bytes)]
     if self_conditioned:
@@ -134,7 +135,7 @@ def experts_split(repeats: int = 3) -> None:
                              "moe_intermediate_size": I}
     mx.random.seed(0)
     by_width = Experts(ModelArgs.from_dict(config))
-    _keep_intermediate(by_width, 0, I // 2)
+    keep_intermediate(by_width, 0, I // 2)
     config["text_config"]["num_experts"] = E // 2
     by_expert = Experts(ModelArgs.from_dict(config))
     x = mx.random.normal((1, T, H))

@@ -11,7 +11,6 @@ safetensors are read: nothing in a checkpoint is unpickled or executed.
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -24,6 +23,7 @@ from huggingface_hub import HfApi, ModelCardData
 from mlx_lm.utils import save_config
 
 from .arguments import ArgumentParser, checked
+from .config import ModelArgs, check_range
 from .load import (
     GROUP_SIZES,
     RECIPES,
@@ -36,7 +36,7 @@ from .load import (
     quantization_plan,
     resolve,
 )
-from .model import VISION_PREFIXES, Model, ModelArgs
+from .model import VISION_PREFIXES, Model
 from .staging import claimed, staged
 
 # What mlx-lm and mlx-vlm read besides the weights and config.json.
@@ -175,10 +175,7 @@ mlx_lm.generate --model {ref} --prompt "Why is the sky blue?"
 
 def check_shard_size(max_shard_size_gb) -> float:
     """A shard limit of 0 or less would write one shard per tensor."""
-    value = max_shard_size_gb
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"max_shard_size_gb must be a finite number > 0, got {value!r}")
-    return float(value)
+    return float(check_range("max_shard_size_gb", max_shard_size_gb, 0, low_inclusive=False, expected="a finite number > 0"))
 
 
 def _check_destination(dst: Path, force: bool) -> None:

@@ -114,7 +114,8 @@ def train_demo(out: Path, iters: int, batch_size: int, examples: int = 60_000, l
     import mlx.core as mx
     from mlx_lm.utils import load_tokenizer
 
-    from .model import Model, ModelArgs
+    from .config import ModelArgs
+    from .model import Model
     from .train import TrainingArgs, make_blocks, train
 
     with tempfile.TemporaryDirectory() as tmp:

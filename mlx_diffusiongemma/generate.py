@@ -19,6 +19,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache
 
 from .chat import render_prompt, split_thinking
+from .config import check_range
 from .kernels import MAX_TOP_K
 from .sampling import (
     ConfidenceAcceptance,
@@ -81,21 +82,16 @@ class DiffusionOptions:
         partial dict too): the CLI applies them to its flags before loading."""
 
         def integer(name, low):
-            value = values.get(name)
-            if name in values and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low):
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-            if name in values and value >= 2**31:  # mlx counts steps and tokens in int32
-                raise ValueError(f"{name} must be an integer below 2**31, got {value!r}")
+            if name in values:  # mlx counts steps and tokens in int32
+                check_range(name, values[name], low, 2**31, integer=True, expected=f"an integer >= {low}",
+                            beyond="an integer below 2**31")
 
         def number(name, positive):
-            value = values.get(name)
-            if name in values and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not ((0 < value if positive else 0 <= value) and value < math.inf)
-            ):
-                raise ValueError(f"{name} must be a number {'> 0' if positive else '>= 0'}, got {value!r}")
-            if name in values and not ((0 < _float32(value) if positive else True) and _float32(value) < math.inf):
+            if name not in values:
+                return
+            value = values[name]
+            check_range(name, value, 0, low_inclusive=not positive, expected=f"a number {'> 0' if positive else '>= 0'}")
+            if not ((0 < _float32(value) if positive else True) and _float32(value) < math.inf):
                 raise ValueError(f"{name} must be a number float32 holds (the sampler computes in float32), got {value!r}")
 
         integer("max_tokens", 1)
@@ -112,9 +108,10 @@ class DiffusionOptions:
         number("confidence_threshold", positive=True)
         if values.get("acceptance", ACCEPTANCE[0]) not in ACCEPTANCE:
             raise ValueError(f"acceptance must be one of {sorted(ACCEPTANCE)}, got {values['acceptance']!r}")
-        value = values.get("min_confidence", 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < _float32(value) <= 1:
-            raise ValueError(f"min_confidence must be in (0, 1], got {value!r}")
+        if "min_confidence" in values:
+            in_range = dict(low_inclusive=False, high_inclusive=True, expected="in (0, 1]")
+            check_range("min_confidence", values["min_confidence"], 0, 1, **in_range)
+            check_range("min_confidence", _float32(values["min_confidence"]), 0, 1, **in_range)
         if values.get("self_conditioning", SELF_CONDITIONING[0]) not in SELF_CONDITIONING:
             raise ValueError(
                 f"self_conditioning must be one of {sorted(SELF_CONDITIONING)}, got {values['self_conditioning']!r}"

@@ -20,7 +20,8 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
-from .model import MODEL_TYPE, GenerationConfig, Model, ModelArgs
+from .config import MODEL_TYPE, GenerationConfig, ModelArgs
+from .model import Model
 from .staging import claimed, staged
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]

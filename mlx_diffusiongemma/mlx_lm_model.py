@@ -77,12 +77,12 @@ from mlx_lm.models.cache import (
     dynamic_roll,
 )
 
+from .cache_views import context
+from .config import ModelArgs
 from .generate import DiffusionOptions, denoise_canvas, filter_rows, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .mlx_lm_internals import make_batch_cache, with_merge
 from .model import Model as DiffusionGemma
-from .model import _context
-from .model import ModelArgs
 from .sampling import Randomness, StableAndConfidentStopping
 
 __all__ = ["BatchHeld", "Model", "ModelArgs"]
@@ -406,7 +406,7 @@ class Model(DiffusionGemma):
             real = min(max(lengths), self.args.sliding_window - 1) if kind == "sliding_attention" else max(lengths)
             keys, values = (
                 dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)
-                for past, later in zip(_context(c), held)
+                for past, later in zip(context(c), held)
             )
             keys, values = (mx.pad(a[..., a.shape[2] - real :, :], [(0, 0), (0, 0), (0, C), (0, 0)]) for a in (keys, values))
             caches.append(make_batch_cache(keys, values, offset, real - mx.minimum(offset, real), real))

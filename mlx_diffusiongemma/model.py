@@ -8,371 +8,25 @@ Parameter paths are the checkpoint names, so `tree_flatten(model.parameters())`
 lists exactly the keys of a converted checkpoint.
 """
 
-import copy
 import math
 from functools import partial
-from dataclasses import dataclass, field
-from collections.abc import Mapping
-from typing import Any, Dict, List, Optional
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 import mlx.nn as nn
-from mlx.nn.layers.distributed import shard_inplace
-from mlx_lm.models.base import BaseModelArgs, scaled_dot_product_attention
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, RotatingKVCache
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 from mlx_lm.models.gemma4_text import RMSNormNoScale, Router, geglu, logit_softcap
 from mlx_lm.models.rope_utils import initialize_rope
 from mlx_lm.models.switch_layers import SwitchLinear
 
-from .mlx_lm_internals import kv_cache_context, rotating_in_order  # a leaf: imports nothing of the package
+from .cache_views import Lookahead, after_context
+from .config import GenerationConfig, ModelArgs
+from .tp import shard
 
-MODEL_TYPE = "diffusion_gemma"
 # The vision tower's weights: a text-only port drops them (mlx-vlm reads them).
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
-
-_REQUIRED_TEXT_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "intermediate_size",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "vocab_size",
-    "num_experts",
-    "top_k_experts",
-    "moe_intermediate_size",
-)
-
-_DEFAULT_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    "full_attention": {
-        "rope_type": "proportional",
-        "partial_rotary_factor": 0.25,
-        "rope_theta": 1_000_000.0,
-    },
-}
-
-
-# mlx holds each dimension of an array as a 32-bit int: a larger size is an
-# OverflowError (or, multiplied out, a MemoryError) from deep inside mlx.
-_DIMENSION_LIMIT = 2**31
-MAX_LAYERS = 4096  # the released model has 30
-
-
-def _check_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if value >= _DIMENSION_LIMIT:
-        raise ValueError(f"{name} must be below 2**31 (mlx's largest dimension), got {value!r}")
-
-
-def _check_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-@dataclass
-class ModelArgs(BaseModelArgs):
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    num_experts: int
-    top_k_experts: int
-    moe_intermediate_size: int
-    canvas_length: int  # no default: a wrong canvas length makes a model write garbage
-    model_type: str = MODEL_TYPE
-    layer_types: Optional[List[str]] = None
-    # Per-layer attention overrides ({layer index: {"head_dim", "num_key_value_heads"}}),
-    # filled from either config form in `from_dict`.
-    per_layer_config: Dict[int, Dict[str, int]] = field(default_factory=dict)
-    rope_parameters: Optional[Dict[str, Dict[str, Any]]] = None
-    sliding_window: int = 512
-    rms_norm_eps: float = 1e-6
-    final_logit_softcapping: float = 30.0
-    attention_bias: bool = False
-    hidden_activation: str = "gelu_pytorch_tanh"
-    use_bidirectional_attention: Optional[str] = None
-    max_position_embeddings: int = 131_072
-    pad_token_id: int = 0
-    bos_token_id: int = 2
-    eos_token_id: Any = 1
-
-    def __post_init__(self):
-        # Checked here so a bad config is one ValueError naming the field, not a
-        # TypeError or ZeroDivisionError from deep inside the model.
-        for name in (*_REQUIRED_TEXT_FIELDS, "canvas_length", "sliding_window", "max_position_embeddings"):
-            _check_int(name, getattr(self, name))
-        if self.num_hidden_layers > MAX_LAYERS:  # a larger list of layers takes minutes to build before weights refuse it
-            raise ValueError(f"num_hidden_layers must be at most {MAX_LAYERS}, got {self.num_hidden_layers}")
-        if self.canvas_length > self.max_position_embeddings:
-            raise ValueError(
-                f"canvas_length ({self.canvas_length}) must fit the context, max_position_embeddings "
-                f"({self.max_position_embeddings})"
-            )
-        if self.top_k_experts > self.num_experts:
-            raise ValueError(
-                f"top_k_experts ({self.top_k_experts}) must not exceed num_experts ({self.num_experts})"
-            )
-        for name in ("rms_norm_eps", "final_logit_softcapping"):
-            _check_number(name, getattr(self, name))
-        # Copies throughout: the caller's config (a dict `convert` saves) must not change.
-        if self.layer_types is None:  # the reference's 5 sliding : 1 full pattern
-            self.layer_types = [
-                "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
-                for i in range(self.num_hidden_layers)
-            ]
-        if not isinstance(self.layer_types, (list, tuple)):
-            raise ValueError(f"layer_types must be a list, got {self.layer_types!r}")
-        self.layer_types = list(self.layer_types)
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(
-                f"layer_types has {len(self.layer_types)} entries but "
-                f"num_hidden_layers is {self.num_hidden_layers}"
-            )
-        self.layer_types[-1] = "full_attention"  # the reference forces this too
-        unknown = {repr(t) for t in self.layer_types if t not in ("sliding_attention", "full_attention")}
-        if unknown:  # reprs: an entry may be unhashable
-            raise ValueError(f"unknown layer type(s) in layer_types: {', '.join(sorted(unknown))}")
-        for name in ("rope_parameters", "per_layer_config"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"{name} must be an object, got {value!r}")
-        rope = copy.deepcopy(_DEFAULT_ROPE)
-        rope.update(copy.deepcopy(self.rope_parameters or {}))
-        self.rope_parameters = rope
-        self._check_rope()
-        per_layer = {}
-        for key, override in (self.per_layer_config or {}).items():
-            if not isinstance(override, dict) or not str(key).isdigit():
-                raise ValueError(f"per_layer_config must map layer indices to objects, got {key!r}: {override!r}")
-            for name in ("head_dim", "num_key_value_heads"):
-                if name in override:
-                    _check_int(f"per_layer_config[{key}].{name}", override[name])
-            per_layer[int(key)] = dict(override)
-        self.per_layer_config = per_layer
-        if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(
-                f"hidden_activation {self.hidden_activation!r} is not supported "
-                "(DiffusionGemma uses 'gelu_pytorch_tanh')"
-            )
-        if not isinstance(self.attention_bias, bool):
-            raise ValueError(f"attention_bias must be true or false, got {self.attention_bias!r}")
-        if self.use_bidirectional_attention not in (None, "all", "vision"):
-            raise ValueError(
-                "use_bidirectional_attention must be 'all', 'vision' or null, "
-                f"got {self.use_bidirectional_attention!r}"
-            )
-        self.check_token_ids("eos_token_id", self.eos_token_id)
-        self._check_widths()
-        if self.num_attention_heads * self.canvas_length**2 >= _DIMENSION_LIMIT:
-            raise ValueError(
-                f"canvas_length {self.canvas_length} is too long to denoise: one canvas's attention scores "
-                f"(num_attention_heads x canvas_length**2) must stay below 2**31"
-            )
-
-    def _check_rope(self) -> None:
-        """The entries the two attention kinds read, as `initialize_rope` uses
-        them (it checks rope_type itself)."""
-        for kind in ("sliding_attention", "full_attention"):
-            entry = self.rope_parameters[kind]
-            if not isinstance(entry, dict):
-                raise ValueError(f"rope_parameters.{kind} must be an object, got {entry!r}")
-            _check_number(f"rope_parameters.{kind}.rope_theta", entry.get("rope_theta"))
-            for name in ("factor", "partial_rotary_factor"):
-                if name in entry:
-                    _check_number(f"rope_parameters.{kind}.{name}", entry[name])
-            if entry.get("partial_rotary_factor", 1) > 1:
-                raise ValueError(
-                    f"rope_parameters.{kind}.partial_rotary_factor must be at most 1, "
-                    f"got {entry['partial_rotary_factor']!r}"
-                )
-
-    def _check_widths(self) -> None:
-        """The projections' widths are products of fields: each must fit an mlx
-        dimension too (see `_DIMENSION_LIMIT`)."""
-        widths = {"2 * moe_intermediate_size": 2 * self.moe_intermediate_size}
-        shapes = {"": (self.head_dim, self.num_key_value_heads)}
-        shapes.update((f" of layer {i}", self.attention_shape(i)) for i in self.per_layer_config)
-        for where, (head_dim, kv_heads) in shapes.items():
-            widths[f"num_attention_heads * head_dim{where}"] = self.num_attention_heads * head_dim
-            widths[f"num_key_value_heads * head_dim{where}"] = kv_heads * head_dim
-        for name, width in widths.items():
-            if width >= _DIMENSION_LIMIT:
-                raise ValueError(f"{name} must be below 2**31 (mlx's largest dimension), got {width}")
-
-    def check_token_ids(self, name: str, value) -> list:
-        """`value`, a token id or a list of them, as a list; each must be in
-        [0, vocab_size) (eos ids are compared with sampled tokens)."""
-        ids = [value] if isinstance(value, int) else value
-        if not isinstance(ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids
-        ):
-            raise ValueError(
-                f"{name} must be a token id or a list of them, in [0, {self.vocab_size}), got {value!r}"
-            )
-        return list(ids)
-
-    @classmethod
-    def from_dict(cls, params: dict) -> "ModelArgs":
-        """Build from a config.json dict (nested `text_config`, or a flat text config).
-
-        Null values mean unset. Full-attention overrides may be given as
-        `per_layer_config` or, in older files, as `global_head_dim` /
-        `num_global_key_value_heads`. `params` is never changed.
-        """
-        if not isinstance(params, dict):
-            raise ValueError(f"the config must be an object, got {type(params).__name__}")
-        text = params.get("text_config", params)
-        if not isinstance(text, dict):
-            raise ValueError("'text_config' must be an object")
-        text = {k: v for k, v in text.items() if v is not None}
-        missing = [name for name in _REQUIRED_TEXT_FIELDS if name not in text]
-        if missing:
-            raise ValueError(f"text_config is missing required field(s): {', '.join(missing)}")
-        if params.get("canvas_length") is None:
-            raise ValueError(
-                "config has no canvas_length (the block of tokens the model denoises at once, "
-                "256 for the released model); set it at the top level"
-            )
-        fields = {k: v for k, v in text.items() if k in cls.__dataclass_fields__}
-        fields["model_type"] = params.get("model_type", MODEL_TYPE)
-        fields["canvas_length"] = params["canvas_length"]
-        if text.get("use_bidirectional_attention") == "all":
-            # The reference stores the window for an exclusive-bounds kernel.
-            window = text.get("sliding_window", 512)
-            _check_int("sliding_window", window)
-            fields["sliding_window"] = window // 2 + 1
-        args = cls(**fields)
-        if "per_layer_config" not in text:
-            override = {"head_dim": text.get("global_head_dim", 512)}
-            _check_int("global_head_dim", override["head_dim"])
-            if text.get("num_global_key_value_heads") is not None:
-                override["num_key_value_heads"] = text["num_global_key_value_heads"]
-                _check_int("num_global_key_value_heads", override["num_key_value_heads"])
-            args.per_layer_config = {
-                i: dict(override)
-                for i, kind in enumerate(args.layer_types)
-                if kind == "full_attention"
-            }
-            args._check_widths()
-        return args
-
-    def attention_shape(self, layer_idx: int):
-        """(head_dim, num_key_value_heads) of one layer, overrides applied."""
-        override = self.per_layer_config.get(layer_idx, {})
-        return (
-            override.get("head_dim", self.head_dim),
-            override.get("num_key_value_heads", self.num_key_value_heads),
-        )
-
-
-def _context(cache) -> tuple:
-    """The cached context's keys and values, in temporal order, as a chunk
-    after it attends to them: a sliding layer's last `window - 1` tokens, as
-    the reference's sliding cache keeps them; a full layer's all. In a
-    batch's BatchRotatingKVCache each row's context ends at the same index
-    (left padding)."""
-    if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)):
-        past_keys, past_values = (rotating_in_order(cache, v) for v in (cache.keys, cache.values))
-    elif isinstance(cache, BatchKVCache):
-        past_keys, past_values = cache.keys_and_values()
-    else:
-        past_keys, past_values = kv_cache_context(cache)
-    if isinstance(cache, (RotatingKVCache, BatchRotatingKVCache)):
-        first = past_keys.shape[2] - min(cache.max_size - 1, past_keys.shape[2])
-        past_keys, past_values = past_keys[..., first:, :], past_values[..., first:, :]
-    return past_keys, past_values
-
-
-def _with_context(cache, keys: mx.array, values: mx.array) -> tuple:
-    """A chunk's keys and values after the cached context, the cache untouched."""
-    return _appended(None if cache.keys is None else _context(cache), keys, values)
-
-
-def _appended(context: Optional[tuple], keys: mx.array, values: mx.array) -> tuple:
-    """Keys and values after a context's (None: no context)."""
-    if context is None:
-        return keys, values
-    return tuple(mx.concatenate([past, new], axis=2) for past, new in zip(context, (keys, values)))
-
-
-def _after_context(cache, keys: mx.array, values: mx.array) -> tuple:
-    """A canvas's keys and values after the cached context, the cache holding
-    the same tokens afterwards, and the mask of the context's padding (None
-    for one sequence). A full layer's cache takes them into the slots after
-    its tokens and gives them back (trim): attention reads the context where
-    it lies, with no copy of it per step, and the next step or commit
-    overwrites those slots. A sliding layer's context, at most a window, is
-    copied in temporal order.
-
-    A batch's caches (mlx-lm's BatchKVCache / BatchRotatingKVCache) hold the
-    rows left-padded: row r's context is its last `offset[r]` entries, and
-    the padding before them is masked out, as the reference masks a padded
-    prompt (its decoder attention mask)."""
-    canvas = keys.shape[2]
-    if isinstance(cache, BatchKVCache):
-        real = cache.offset
-        keys, values = cache.update_and_fetch(keys, values)
-        cache.trim(canvas)
-        return keys, values, _padding_mask(real, keys.shape[2] - canvas, canvas)
-    if isinstance(cache, BatchRotatingKVCache):
-        keys, values = _with_context(cache, keys, values)
-        return keys, values, _padding_mask(cache.offset, keys.shape[2] - canvas, canvas)
-    if isinstance(cache, KVCache):
-        both = cache.update_and_fetch(keys, values)
-        cache.trim(canvas)
-        return (*both, None)
-    return (*_with_context(cache, keys, values), None)
-
-
-def _padding_mask(real: mx.array, context: int, canvas: int) -> mx.array:
-    """[B, 1, 1, context + canvas] True where a key is row b's: the last
-    real[b] entries of the context (fewer than `context`: padding before
-    them), and the whole canvas."""
-    start = context - mx.minimum(real, context)
-    return (mx.arange(context + canvas)[None] >= start[:, None])[:, None, None, :]
-
-
-def _chunk_mask(real: mx.array, context: int, length: int, window: Optional[int]) -> mx.array:
-    """[B, 1, L, context + L] for a causal chunk after a batch's context:
-    query i (at context + i) sees the keys up to itself, within the sliding
-    window if any, and none of the padding before a row's real tokens."""
-    query = context + mx.arange(length)[:, None]
-    key = mx.arange(context + length)[None]
-    mask = key <= query
-    if window is not None:
-        mask = mask & (key > query - window)
-    return mask[None, None] & _padding_mask(real, context, length)
-
-
-class _Lookahead:
-    """A layer cache as the encoder sees it, with the encoder's write set
-    aside instead of applied: the chunk attends to the same keys, under the
-    same mask, as `update_and_fetch` would give it. A batch's mask is built
-    here from each row's real token count: mlx-lm 0.32's BatchRotatingKVCache
-    masks a multi-token chunk wrongly once one-token writes have wrapped its
-    ring (mlx-lm's decode loop writes one token at a time)."""
-
-    def __init__(self, cache):
-        self.cache, self.offset = cache, cache.offset
-        self.context = None if cache.keys is None else _context(cache)
-        self.keys = self.values = None
-
-    def make_mask(self, N: int, window_size: Optional[int] = None, **kwargs):
-        if not isinstance(self.cache, (BatchKVCache, BatchRotatingKVCache)):
-            return self.cache.make_mask(N, window_size=window_size, **kwargs)
-        context = 0 if self.context is None else self.context[0].shape[2]
-        return _chunk_mask(self.cache.offset, context, N, window_size)
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple:
-        self.keys, self.values = keys, values
-        return _appended(self.context, keys, values)
-
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
@@ -420,114 +74,10 @@ class Attention(nn.Module):
             out = mx.distributed.all_sum(out, group=self.sharding_group)
         return out
 
-    def splits(self, N: int) -> bool:
-        """Whether the heads split across N ranks: each rank gets as many query
-        heads, all reading as many kv heads (the kv heads divide among the
-        ranks, or each rank's query heads share one), and a quantized o_proj's
-        groups do not straddle ranks."""
-        if self.n_heads % N or (self.n_kv_heads % N and N % self.n_kv_heads):
-            return False
-        return self.n_heads // N * self.head_dim % _quantization_unit(self.o_proj) == 0
-
-    def shard(self, group) -> None:
-        """Keep this rank's query heads and the kv heads they read (the
-        reference's tp plan: q/k/v colwise, o rowwise); `output` sums the ranks'
-        o_proj results. Heads that do not split (`splits`) stay whole on every
-        rank: exact, and no communication."""
-        N, rank = group.size(), group.rank()
-        if not self.splits(N):
-            return
-        shard_inplace(self.q_proj, "all-to-sharded", group=group)
-        shard_inplace(self.o_proj, "sharded-to-all", group=group)
-        if "bias" in self.o_proj and rank:  # added once, to the sum
-            self.o_proj.bias = mx.zeros_like(self.o_proj.bias)
-        # full layers have no v_proj: their values are k_proj's output, split with it
-        kv = [self.k_proj, *([self.v_proj] if self.is_sliding else [])]
-        if self.n_kv_heads % N == 0:
-            for proj in kv:
-                shard_inplace(proj, "all-to-sharded", group=group)
-            self.n_kv_heads //= N
-        else:  # more ranks than kv heads: this rank's query heads all read one
-            head = rank * self.n_kv_heads // N
-            for proj in kv:
-                _keep_outputs(proj, [(head * self.head_dim, (head + 1) * self.head_dim)])
-            self.n_kv_heads = 1
-        self.n_heads //= N
-        self.sharding_group = group
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, mask=None) -> mx.array:
     return scaled_dot_product_attention(q, k, v, cache=None, scale=1.0, mask=mask)
-
-
-def _quantization_unit(module: nn.Module) -> int:
-    """How many input features a linear or switch layer keeps together: its
-    quantization group (1 when it is not quantized)."""
-    return module.group_size if "scales" in module else 1
-
-
-def _keep_outputs(module: nn.Module, spans: list) -> None:
-    """Keep the output features in `spans` ([(start, stop)], in order) of a
-    linear or switch layer: rows of its weight and of the quantization scales
-    and biases (groups run along the inputs), entries of its bias."""
-    update = {}
-    for name, rows in (("weight", -2), ("scales", -2), ("biases", -2), ("bias", -1)):
-        if name in module:
-            tail = (slice(None),) * (-rows - 1)
-            parts = [module[name][(..., slice(start, stop), *tail)] for start, stop in spans]
-            update[name] = mx.contiguous(mx.concatenate(parts, axis=rows))
-    module.update(update)
-
-
-def _keep_inputs(module: nn.Module, start: int, stop: int, size: int) -> None:
-    """Keep input features [start, stop) of `size` of a linear or switch layer
-    (a quantized weight packs `size` inputs into its last axis, the scales and
-    biases one entry per group; `start` and `stop` sit on group boundaries).
-    A bias stays whole: the caller sums the ranks' outputs."""
-    update = {}
-    for name in ("weight", "scales", "biases"):
-        if name in module:
-            a = module[name]
-            per = a.shape[-1]
-            update[name] = mx.contiguous(a[..., start * per // size : stop * per // size])
-    module.update(update)
-
-
-def _intermediate(block: nn.Module) -> tuple:
-    """(width, unit) of a GeGLU block (MLP, SelfConditioning, Experts): its
-    intermediate features, and how many of them a share must keep together
-    (down_proj's quantization group)."""
-    rows = block.gate_up_proj.weight.shape[-2] // 2 if isinstance(block, Experts) else block.gate_proj.weight.shape[-2]
-    return rows, _quantization_unit(block.down_proj)
-
-
-def _intermediate_span(block: nn.Module, group, name: str) -> tuple:
-    """This rank's share [start, stop) of a GeGLU block's intermediate
-    features: contiguous, cut on quantization group boundaries, as even as
-    they allow. mlx's `shard_inplace` cuts into equal parts, which the released
-    4-bit experts (704 = 11 groups of 64) and dense blocks (2112 = 33) do not
-    allow (two ranks hold 6 and 5 groups of each expert)."""
-    width, unit = _intermediate(block)
-    N, rank = group.size(), group.rank()
-    pieces = width // unit
-    if pieces < N:
-        groups = f" = {pieces} quantization group(s) of {unit}" if unit > 1 else ""
-        raise ValueError(f"cannot split {name} across {N} ranks: its intermediate size is {width}{groups}")
-    return unit * (pieces * rank // N), unit * (pieces * (rank + 1) // N)
-
-
-def _keep_intermediate(block: nn.Module, start: int, stop: int) -> None:
-    """Keep a GeGLU block's intermediate features [start, stop): gate and up
-    rows (the experts' fused gate_up_proj keeps the matching rows of both
-    halves, gate first), down_proj columns. The ranks' outputs sum to the
-    whole block's."""
-    width, _ = _intermediate(block)
-    if isinstance(block, Experts):
-        _keep_outputs(block.gate_up_proj, [(start, stop), (width + start, width + stop)])
-    else:
-        _keep_outputs(block.gate_proj, [(start, stop)])
-        _keep_outputs(block.up_proj, [(start, stop)])
-    _keep_inputs(block.down_proj, start, stop, width)
 
 
 class MLP(nn.Module):
@@ -627,7 +177,7 @@ class TransformerLayer(nn.Module):
 
     def __call__(self, x, cache, mask, layer_scalar: mx.array) -> mx.array:
         """The encoder's pass: the chunk attends to what `cache.update_and_fetch`
-        gives (a layer cache appends it, a `_Lookahead` sets it aside). The
+        gives (a layer cache appends it, a `Lookahead` sets it aside). The
         decoder runs `project` and `finish` itself, compiled (`Model.decode`)."""
         q, k, v = self.project(x, cache.offset)
         k, v = cache.update_and_fetch(k, v)
@@ -748,27 +298,6 @@ def soft_embed_top_k(embedding: nn.Module, ids: mx.array, probs: mx.array) -> mx
     return (probs.astype(rows.dtype)[..., None, :] @ rows).squeeze(-2)
 
 
-class GenerationConfig(Mapping):
-    """generation_config.json's settings, read-only. Not a dict, which
-    nn.Module would take for a child module; unlike a MappingProxyType it can be
-    deep-copied (mlx-lm's DWQ and dynamic quantization deep-copy the model)."""
-
-    def __init__(self, settings: Optional[dict] = None):
-        self._settings = dict(settings or {})
-
-    def __getitem__(self, key):
-        return self._settings[key]
-
-    def __iter__(self):
-        return iter(self._settings)
-
-    def __len__(self) -> int:
-        return len(self._settings)
-
-    def __repr__(self) -> str:
-        return f"GenerationConfig({self._settings!r})"
-
-
 def _check_shared_bias(key: str, value: mx.array, weights: dict) -> None:
     """The encoder runs on the decoder's layers. The reference ties every
     encoder weight to the decoder's but not the biases (transformers ties only
@@ -802,40 +331,8 @@ class Model(nn.Module):
 
     def shard(self, group: Optional[mx.distributed.Group] = None) -> None:
         """Tensor parallelism over `group` (default: mx.distributed.init()), in
-        place; mlx-lm's `sharded_load` calls this. Each rank keeps its share of
-        the attention heads, of the dense MLP's, the experts' and the
-        self-conditioning block's intermediate features, and sums the shares
-        where the reference adds them up: after o_proj (one all-reduce), after
-        the dense MLP and the experts together (one, before their post-norms),
-        after the self-conditioning block. Embeddings, lm_head, norms and router
-        stay whole, so every rank computes the same logits.
-
-        The experts split along each expert's width (the reference's tp plan:
-        gate_up_proj packed_colwise, down_proj rowwise) rather than by expert:
-        with the decoder's static shapes a rank holding half the experts would
-        still multiply every routed row (the others' with weight zero), where
-        half the width halves the work of every row, whatever the routing.
-
-        Attention whose heads cannot split evenly (`Attention.splits`) stays
-        whole on every rank. A block narrower than the group (in quantization
-        groups) is an error naming it, raised before any weight changes."""
-        if any(layer.sharding_group is not None for layer in self.layers):
-            raise ValueError("the model is sharded already: shard a whole model, once")
-        group = group or mx.distributed.init()
-        if group.size() == 1:
-            return
-        decoder = self.model.decoder
-        blocks = {"model.decoder.self_conditioning": decoder.self_conditioning}
-        for i, layer in enumerate(self.layers):
-            blocks[f"model.decoder.layers.{i}.mlp"] = layer.mlp
-            blocks[f"model.decoder.layers.{i}.experts"] = layer.experts
-        spans = {name: _intermediate_span(block, group, name) for name, block in blocks.items()}
-        for name, block in blocks.items():
-            _keep_intermediate(block, *spans[name])
-        for layer in self.layers:
-            layer.self_attn.shard(group)
-            layer.sharding_group = group
-        decoder.self_conditioning.sharding_group = group
+        place, as tp.py cuts the model; mlx-lm's `sharded_load` calls this."""
+        shard(self, group)
         self.__dict__.pop("_compiled_segments", None)  # traced with the whole model's head counts
 
     def make_cache(self) -> list:
@@ -866,7 +363,7 @@ class Model(nn.Module):
         """The keys and values `encode` would append for these tokens, per
         layer ([B, kv_heads, L, head_dim] each), computed without changing the
         cache: same attention, same masks, so writing them later is exact."""
-        views = [_Lookahead(c) for c in cache[: len(self.layers)]]
+        views = [Lookahead(c) for c in cache[: len(self.layers)]]
         self.encode_chunk(_token_batch(token_ids), views)
         return [(view.keys, view.values) for view in views]
 
@@ -919,8 +416,8 @@ class Model(nn.Module):
         )
         *middle, last = segments[1:]
         for segment, c in zip(middle, cache):
-            h, q, k, v = segment(h, attend(q, *_after_context(c, k, v)), offset)
-        return last(h, attend(q, *_after_context(cache[len(middle)], k, v)), offset, None, raw_logits)
+            h, q, k, v = segment(h, attend(q, *after_context(c, k, v)), offset)
+        return last(h, attend(q, *after_context(cache[len(middle)], k, v)), offset, None, raw_logits)
 
     @property
     def _segments(self) -> list:  # of compiled functions

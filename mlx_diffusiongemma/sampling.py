@@ -23,6 +23,7 @@ import numpy as np
 from mlx_lm.models.gemma4_text import logit_softcap
 
 from . import kernels
+from .config import check_range
 
 SEED_LIMIT = 2**64  # mx.random.key and mx.random.seed take an unsigned 64-bit seed
 
@@ -30,9 +31,7 @@ SEED_LIMIT = 2**64  # mx.random.key and mx.random.seed take an unsigned 64-bit s
 def check_seed(seed) -> int:
     """The seed as an int, or a ValueError naming it and the accepted range
     (mlx itself raises a TypeError listing overloads)."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return int(seed)
+    return int(check_range("seed", seed, 0, SEED_LIMIT, integer=True, expected="an integer in [0, 2**64)"))
 
 
 class Randomness:

@@ -44,8 +44,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_tokenizer
 
 from .arguments import ArgumentParser
+from .config import ModelArgs
 from .load import load, load_config, load_model, write_model
-from .model import Model, ModelArgs
+from .model import Model
 from .staging import claimed, staged
 
 
