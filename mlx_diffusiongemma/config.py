@@ -72,6 +72,13 @@ def check_range(
     return value
 
 
+def token_ids(value) -> list:
+    """Token ids given as configs and options give them (eos_token_id): one id,
+    or a list or tuple of ids, as a list. Anything else is a list of itself,
+    for the caller's check to name."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def _check_int(name: str, value) -> None:
     check_range(name, value, 1, _DIMENSION_LIMIT, integer=True, expected="an integer >= 1",
                 beyond="below 2**31 (mlx's largest dimension)")
@@ -217,14 +224,14 @@ class ModelArgs(BaseModelArgs):
     def check_token_ids(self, name: str, value) -> list:
         """`value`, a token id or a list of them, as a list; each must be in
         [0, vocab_size) (eos ids are compared with sampled tokens)."""
-        ids = [value] if isinstance(value, int) else value
-        if not isinstance(ids, list) or not all(
+        ids = token_ids(value)
+        if not all(
             isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids
         ):
             raise ValueError(
                 f"{name} must be a token id or a list of them, in [0, {self.vocab_size}), got {value!r}"
             )
-        return list(ids)
+        return ids
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":

@@ -12,7 +12,6 @@ safetensors are read: nothing in a checkpoint is unpickled or executed.
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from mlx_lm.utils import save_config
 from .arguments import ArgumentParser, checked
 from .config import ModelArgs, check_range
 from .load import (
+    copy_companions,
     GROUP_SIZES,
     RECIPES,
     _as_dtype,
@@ -38,19 +38,6 @@ from .load import (
 )
 from .model import VISION_PREFIXES, Model
 from .staging import claimed, staged
-
-# What mlx-lm and mlx-vlm read besides the weights and config.json.
-COPIED_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-)
 
 MODE_BITS = {"mxfp4": 4, "nvfp4": 4, "mxfp8": 8}  # the float modes allow one width each
 DEFAULT_SHARD_GB = 5.0  # as mlx-lm
@@ -242,9 +229,7 @@ def convert(
                 writer.add(_convert_tensor(name, tensors.pop(name), plan, cast))
             index = writer.finish(total_parameters)
             save_config(config, staging / "config.json", keep_vision_config=True)
-            copied = [f for f in COPIED_FILES if (src / f).is_file()]
-            for f in copied:
-                shutil.copyfile(src / f, staging / f)
+            copied = copy_companions(src, staging)
             if not {"tokenizer.json", "tokenizer.model"} & set(copied):
                 print(f"[WARN] {src} has no tokenizer.json or tokenizer.model: the output has no tokenizer")
             (staging / "README.md").write_text(_model_card(str(hf_path), dst, upload_repo, description, index))

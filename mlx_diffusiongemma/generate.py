@@ -19,7 +19,7 @@ from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache
 
 from .chat import render_prompt, split_thinking
-from .config import check_range
+from .config import check_range, token_ids
 from .kernels import MAX_TOP_K
 from .sampling import (
     ConfidenceAcceptance,
@@ -69,8 +69,7 @@ class DiffusionOptions:
         if "eos_token_id" not in values and tokenizer is not None:
             values["eos_token_id"] = sorted(tokenizer.eos_token_ids)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        eos = values.get("eos_token_id", ())
-        values["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)  # check_token_ids names a bad one
+        values["eos_token_id"] = tuple(token_ids(values.get("eos_token_id", ())))  # check_token_ids names a bad one
         options = cls(**values)
         cls.check(asdict(options))
         options.check_token_ids(model.args.vocab_size)

@@ -8,6 +8,7 @@ mlx-vlm (quantized modules with `.scales` / `.biases`, per-module entries in
 import glob
 import json
 import reprlib
+import shutil
 import warnings
 from pathlib import Path
 from typing import Optional, Union
@@ -404,6 +405,28 @@ def quantize(
         class_predicate=lambda path, _: plan.get(path, False),
     )
     return config
+
+
+# What mlx-lm and mlx-vlm read besides the weights and config.json.
+COMPANION_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+)
+
+
+def copy_companions(source: Path, directory: Path) -> list:
+    """Copy the companion files `source` has into `directory`; their names."""
+    copied = [name for name in COMPANION_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copyfile(source / name, directory / name)
+    return copied
 
 
 def write_model(model: Model, directory: Path, config: dict) -> None:

@@ -78,7 +78,7 @@ from mlx_lm.models.cache import (
 )
 
 from .cache_views import context
-from .config import ModelArgs
+from .config import ModelArgs, token_ids
 from .generate import DiffusionOptions, denoise_canvas, filter_rows, stream_diffusion_generate
 from .load import _cast_for_cpu_experts, mlx_community_recipe
 from .mlx_lm_internals import make_batch_cache, with_merge
@@ -416,7 +416,7 @@ class Model(DiffusionGemma):
         """The checkpoint's eos ids (config.json's first, then generation_config.json's)."""
         ids = []
         for eos in (self.args.eos_token_id, self.generation_config.get("eos_token_id", ())):
-            ids += [e for e in ([eos] if isinstance(eos, int) else eos) if e not in ids]
+            ids += [e for e in token_ids(eos) if e not in ids]
         return ids
 
     def _stops(self, tokens: list) -> bool:

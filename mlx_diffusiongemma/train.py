@@ -28,7 +28,6 @@ Each choice and its reason:
 
 import json
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ from mlx_lm.utils import load_tokenizer
 
 from .arguments import ArgumentParser
 from .config import ModelArgs
-from .load import load, load_config, load_model, write_model
+from .load import copy_companions, load, load_config, load_model, write_model
 from .model import Model
 from .staging import claimed, staged
 
@@ -154,10 +153,8 @@ def save_checkpoint(model: Model, out: Path, config: dict, source: Optional[Path
                  "lora_parameters": {"rank": args.lora_rank, "scale": args.lora_scale, "dropout": 0.0}}, indent=2))
         else:
             write_model(model, staging, config)
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                         "generation_config.json"):
-                if source is not None and (source / name).is_file():
-                    shutil.copyfile(source / name, staging / name)
+            if source is not None:
+                copy_companions(source, staging)
         mx.save_safetensors(str(staging / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         (staging / "training_state.json").write_text(json.dumps({"step": step, "args": asdict(args)}, indent=2))
 
