@@ -66,6 +66,7 @@ a one-token chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
 """
 
 import logging
+from typing import NamedTuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import (
@@ -101,6 +102,17 @@ def _entry(keys: mx.array, values: mx.array) -> ConcatenateKVCache:
 def _padded(rows: list, length: int) -> mx.array:
     """Arrays [1, h, n_r, d] as one [B, h, length, d], each row's n_r first."""
     return mx.concatenate([mx.pad(a, [(0, 0), (0, 0), (0, length - a.shape[2]), (0, 0)]) for a in rows])
+
+
+class RowChange(NamedTuple):
+    """What a row holds next: the last `kept` of its held tokens (with their
+    keys and values), then `tokens` and, per layer, their keys and values
+    (`keys_values`, [] when none); the first kept token sits at `start`."""
+
+    kept: int
+    start: int
+    tokens: list
+    keys_values: list
 
 
 class BatchHeld:
@@ -167,14 +179,14 @@ class BatchHeld:
         return self.keys.nbytes + self.values.nbytes
 
 
-def _held(entry) -> tuple:
+def _held_arrays(entry) -> tuple:
     """(keys [B, h, N, d], values, lengths) of a held entry, one sequence's or a batch's."""
     if isinstance(entry, BatchHeld):
         return entry.keys, entry.values, entry.lengths
     return entry.keys, entry.values, [entry.keys.shape[2]]
 
 
-def _hold(entry, rows: list) -> None:
+def _set_held(entry, rows: list) -> None:
     """Make `rows` (per row, two arrays [1, h, n_r, d]) what the entry holds."""
     if isinstance(entry, BatchHeld):
         lengths = [keys.shape[2] for keys, _ in rows]
@@ -186,7 +198,7 @@ def _hold(entry, rows: list) -> None:
 
 def _canvases(entry) -> tuple:
     """Per row, the canvas tokens held and the position of the first."""
-    tokens, positions, lengths = _held(entry)
+    tokens, positions, lengths = _held_arrays(entry)
     tokens, positions = tokens[:, 0, :, 0].tolist(), positions[:, 0, :1, 0].tolist()
     return [t[:n] for t, n in zip(tokens, lengths)], [p[0] if n else 0 for p, n in zip(positions, lengths)]
 
@@ -243,7 +255,7 @@ class Model(DiffusionGemma):
         layers, pending, canvas = self._parts(cache)
         if input_embeddings is not None:
             raise ValueError("DiffusionGemma through mlx-lm takes token ids only (no input_embeddings)")
-        B = len(_held(canvas)[2])
+        B = len(_held_arrays(canvas)[2])
         if inputs.ndim != 2 or inputs.shape[0] != B:
             raise ValueError(f"inputs must have shape [{B}, L], one row per row of the cache, got {tuple(inputs.shape)}")
         L = inputs.shape[1]
@@ -253,12 +265,12 @@ class Model(DiffusionGemma):
         index = [o - s for o, s in zip(offsets, starts)]
         held = [bool(t) and i >= 0 and t[i : i + L] == f for t, i, f in zip(tokens, index, fed)]
         if all(held):  # canvas tokens fed back (again, after a trim): write their keys and values
-            for layer, (keys, values) in zip(layers, self._held_rows(pending, index, L)):
+            for layer, (keys, values) in zip(layers, self._held_at(pending, index, L)):
                 layer.update_and_fetch(keys, values)
             mx.eval([c.state for c in layers])
         else:  # context: encoded, and a row's held canvases dropped
             self._encode_context(inputs, layers, pending, index, held, [not self._room_for_canvas(o) for o in offsets])
-            tokens, starts = self._hold(pending, canvas, {r: (0, 0, [], []) for r in range(B) if not held[r]})
+            tokens, starts = self._change_held(pending, canvas, {r: RowChange(0, 0, [], []) for r in range(B) if not held[r]})
         if L > 1:  # prefill: nobody reads these logits (a broadcast: nothing V-sized per token)
             return mx.broadcast_to(mx.zeros((1, 1, self.args.vocab_size), self.dtype), (B, L, self.args.vocab_size))
         offsets = [o + 1 for o in offsets]
@@ -296,7 +308,7 @@ class Model(DiffusionGemma):
             self._write_beside_past(inputs, layers, pending, index, held, past)
         elif any(held):
             mask = mx.array(held)
-            layers_in = [_Substituted(c, *kv, mask) for c, kv in zip(layers, self._held_rows(pending, index, inputs.shape[1]))]
+            layers_in = [_Substituted(c, *kv, mask) for c, kv in zip(layers, self._held_at(pending, index, inputs.shape[1]))]
             self.encode_chunk(inputs, layers_in)
             mx.eval([c.state for c in layers])
         else:
@@ -311,14 +323,14 @@ class Model(DiffusionGemma):
         if live:
             rows = mx.array(live)
             computed = self.lookahead(inputs[rows], [filter_rows(c, rows) for c in layers])
-        held_kv = self._held_rows(pending, index, L) if any(held) else [None] * len(layers)
-        keep_held = mx.array(held)[:, None, None, None]
+        held_kv = self._held_at(pending, index, L) if any(held) else [None] * len(layers)
+        from_held = mx.array(held)[:, None, None, None]
         for i, (layer, attention) in enumerate(zip(layers, (l.self_attn for l in self.layers))):
             written = []
             for k in (0, 1):  # keys, values
                 out = mx.zeros((B, attention.n_kv_heads, L, attention.head_dim), self.dtype)
                 if held_kv[i] is not None:
-                    out = mx.where(keep_held, held_kv[i][k], out)
+                    out = mx.where(from_held, held_kv[i][k], out)
                 if live:
                     out[rows] = computed[i][k].astype(self.dtype)
                 written.append(out)
@@ -354,12 +366,12 @@ class Model(DiffusionGemma):
                 raise ValueError(f"cache entry {i} is a {type(c).__name__}; expected the held canvas entries of make_cache")
         return layers, cache[n : 2 * n], cache[2 * n]
 
-    def _held_rows(self, pending, index: list, L: int) -> list:
+    def _held_at(self, pending, index: list, L: int) -> list:
         """Per layer, each row's held keys and values at positions index[r] .. + L
         ([B, h, L, d]; clipped for rows that hold none there)."""
-        last = max(_held(pending[0])[0].shape[2] - 1, 0)  # every layer's entry holds the same positions
+        last = max(_held_arrays(pending[0])[0].shape[2] - 1, 0)  # every layer's entry holds the same positions
         at = mx.clip(mx.array(index)[:, None] + mx.arange(L), 0, last)[:, None, :, None]
-        return [tuple(mx.take_along_axis(a, at, axis=2) for a in _held(entry)[:2]) for entry in pending]
+        return [tuple(mx.take_along_axis(a, at, axis=2) for a in _held_arrays(entry)[:2]) for entry in pending]
 
     def _next_canvases(self, rows: list, layers, pending, canvas, tokens: list, starts: list, offsets: list) -> tuple:
         """Denoise the next canvas of these rows together, each against its
@@ -381,8 +393,8 @@ class Model(DiffusionGemma):
         changes = {}
         for i, (r, canvas_tokens) in enumerate(zip(rows, new.tolist())):
             kept = len(tokens[r]) - (offsets[r] - 1 - starts[r]) // C * C if tokens[r] else 0
-            changes[r] = (kept, ends[i] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
-        return self._hold(pending, canvas, changes)
+            changes[r] = RowChange(kept, ends[i] - kept, canvas_tokens, [(k[i : i + 1], v[i : i + 1]) for k, v in added])
+        return self._change_held(pending, canvas, changes)
 
     def _denoising_caches(self, layers, pending, rows: list, at: list, counts: list, lengths: list) -> list:
         """Per layer, a batch cache of `rows` as committing the held tokens
@@ -396,13 +408,13 @@ class Model(DiffusionGemma):
         added, and attention would read it at every step. Room for the
         canvas after it, which each step writes there and takes back."""
         index, R, C = mx.array(rows), max(counts), self.args.canvas_length
-        everyone = [0] * len(_held(pending[0])[2])
+        everyone = [0] * len(_held_arrays(pending[0])[2])
         for r, a in zip(rows, at):
             everyone[r] = a
         shift = mx.array([R - n for n in counts])[:, None]
         offset = mx.array(lengths)
         caches = []
-        for c, held, kind in zip(layers, self._held_rows(pending, everyone, R), self.args.layer_types):
+        for c, held, kind in zip(layers, self._held_at(pending, everyone, R), self.args.layer_types):
             real = min(max(lengths), self.args.sliding_window - 1) if kind == "sliding_attention" else max(lengths)
             keys, values = (
                 dynamic_roll(mx.concatenate([past[index], later[index]], axis=2), shift, axis=2)
@@ -424,27 +436,24 @@ class Model(DiffusionGemma):
         stops the row there, so a canvas ahead would be wasted."""
         return not set(self._eos_ids()).isdisjoint(tokens)
 
-    def _hold(self, pending, canvas, changes: dict) -> tuple:
-        """Change what some rows hold: changes[r] = (kept, start, new_tokens,
-        new_keys_and_values): row r keeps the last `kept` of its held tokens
-        (with their keys and values), then holds the new tokens and, per
-        layer, their keys and values ([] when none), the first kept token at
-        position `start`. Returns every row's (tokens, starts)."""
+    def _change_held(self, pending, canvas, changes: dict) -> tuple:
+        """Change what some rows hold (`changes`: row -> RowChange). Returns
+        every row's (tokens, starts)."""
         tokens, starts = _canvases(canvas)
         for layer, entry in enumerate(pending):
-            keys, values, lengths = _held(entry)
+            keys, values, lengths = _held_arrays(entry)
             rows = []
             for r, n in enumerate(lengths):
-                kept, _, _, added = changes.get(r, (n, None, None, []))
+                kept, added = (changes[r].kept, changes[r].keys_values) if r in changes else (n, [])
                 row = (keys[r : r + 1, :, n - kept : n], values[r : r + 1, :, n - kept : n])
                 if added:
                     row = tuple(mx.concatenate([old, new], axis=2) for old, new in zip(row, added[layer]))
                 rows.append(row)
-            _hold(entry, rows)
+            _set_held(entry, rows)
         for r, (kept, start, new_tokens, _) in changes.items():
             tokens[r] = tokens[r][len(tokens[r]) - kept :] + new_tokens
             starts[r] = start
-        _hold(canvas, [_canvas_row(t, s) for t, s in zip(tokens, starts)])
+        _set_held(canvas, [_canvas_row(t, s) for t, s in zip(tokens, starts)])
         mx.eval([entry.state for entry in pending], canvas.state)
         return tokens, starts
 
