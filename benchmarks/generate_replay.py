@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import ReferenceRunner, build_reference, save_reference  # noqa: E402
-from replay import ReplayedRandomness, record_reference  # noqa: E402
+from helpers.reference import ReferenceRunner, build_reference, save_reference  # noqa: E402
+from helpers.replay import ReplayedRandomness, record_reference  # noqa: E402
 
 from mlx_diffusiongemma import diffusion_generate, load_model  # noqa: E402
 

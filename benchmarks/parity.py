@@ -2,7 +2,7 @@
 
 Compares our float32 MLX model with the reference in float32 and with the same
 reference evaluated in float64 (the float32 rounding floor), on the random test
-checkpoint of tests/reference.py. Needs the test extra (torch, transformers).
+checkpoint of tests/helpers/reference.py. Needs the test extra (torch, transformers).
 
     python benchmarks/parity.py [--layers 4] [--seeds 3]
 """
@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reference import ReferenceRunner, build_reference, save_reference  # noqa: E402
+from helpers.reference import ReferenceRunner, build_reference, save_reference  # noqa: E402
 
 from mlx_diffusiongemma import load_model  # noqa: E402
 

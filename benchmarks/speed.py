@@ -39,7 +39,7 @@ implementation prefills 8192 tokens 1 + warm-up + repeats times, 45-90 s each;
 --configs can leave it out); --quick takes about 20 minutes, medium-real-vocab
 alone about 7.
 
-Weights: random (tests/reference.py's build_reference), saved once per model with
+Weights: random (tests/helpers/reference.py's build_reference), saved once per model with
 transformers' save_pretrained under benchmarks/.cache/speed/, in the
 global_head_dim config form (mlx-vlm does not read per_layer_config). mlx-vlm is
 installed with pip --no-deps into benchmarks/.peers/site, with the few modules

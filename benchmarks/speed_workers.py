@@ -624,8 +624,8 @@ def build(spec, results):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from reference import build_reference, save_reference
-    from tiny_tokenizer import write_tokenizer
+    from helpers.reference import build_reference, save_reference
+    from helpers.tiny_tokenizer import write_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     final = Path(spec["checkpoint"])
@@ -643,7 +643,7 @@ def write_config_only(spec, results):
     """real-26b: config, generation config and tokenizer, no weights (each
     worker builds random weights in memory)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_tokenizer import write_tokenizer
+    from helpers.tiny_tokenizer import write_tokenizer
 
     final = Path(spec["checkpoint"])
     final.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,6 @@ import numpy as np
 import pytest
 import torch
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache
-from reference import build_reference, save_reference
-from replay import ReplayedBatch, ReplayedRandomness, ReplayedRows, record_reference, record_reference_batch
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx.core as mx
@@ -14,6 +12,9 @@ import mlx.core as mx
 from mlx_diffusiongemma import diffusion_generate, load_model
 from mlx_diffusiongemma import generate
 from mlx_diffusiongemma.generate import Commit, DiffusionResponse, Draft, prefill, stream_diffusion_generate
+
+from helpers.reference import build_reference, save_reference
+from helpers.replay import ReplayedBatch, ReplayedRandomness, ReplayedRows, record_reference, record_reference_batch
 
 C = 12  # canvas length of the test checkpoints; sliding window 8
 RNG = np.random.default_rng(7)

@@ -13,7 +13,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_diffusiongemma import diffusion_generate, load_model, quantize
-from mlx_diffusiongemma.model import Model, _with_context, attend
+from mlx_diffusiongemma.cache_views import with_context
+from mlx_diffusiongemma.model import Model, attend
 
 PROMPT = list(range(3, 20))
 CANVAS = mx.array([list(range(5, 17))])
@@ -28,7 +29,7 @@ def uncompiled(model, canvas, cache):
     h = model._conditioned_embedding(canvas, None, None, None)
     for layer, c in zip(model.layers, cache):  # the context copied, not read in place
         q, k, v = layer.project(h, c.offset)
-        h = layer.finish(h, attend(q, *_with_context(c, k, v)), layer.layer_scalar)
+        h = layer.finish(h, attend(q, *with_context(c, k, v)), layer.layer_scalar)
     return model.head(h)
 
 

@@ -16,12 +16,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from reference import build_reference, save_reference
 
 from mlx_diffusiongemma import convert as convert_module
 from mlx_diffusiongemma import load, load_model, quantize
 from mlx_diffusiongemma.convert import convert, main
-from tiny_tokenizer import write_tokenizer
+
+from helpers.reference import build_reference, save_reference
+from helpers.tiny_tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]

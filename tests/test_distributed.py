@@ -1,5 +1,5 @@
 """Tensor parallelism on two processes: `mlx.launch -n 2 --backend ring` on
-loopback runs tests/distributed_worker.py, which loads each checkpoint whole and
+loopback runs tests/helpers/distributed_worker.py, which loads each checkpoint whole and
 sharded (our `load_model(..., tensor_group=)` and mlx-lm's `sharded_load`) on
 every rank; these tests compare what the ranks report.
 
@@ -27,12 +27,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
-from reference import build_reference, save_reference
 
 from mlx_diffusiongemma import Model, ModelArgs, load, load_model, quantize, save_model
 from mlx_diffusiongemma.cli import main as cli_main
-from mlx_diffusiongemma.model import _keep_inputs, _keep_outputs
-from tiny_tokenizer import write_tokenizer
+from mlx_diffusiongemma.tp import keep_inputs, keep_outputs
+
+from helpers.reference import build_reference, save_reference
+from helpers.tiny_tokenizer import write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "mlx_diffusiongemma" / "demo_model"
@@ -116,7 +117,7 @@ def checkpoints(tmp_path_factory):
 def ranks(checkpoints, tmp_path_factory):
     """What each rank of the worker reported, rank 0 first."""
     out = tmp_path_factory.mktemp("ranks")
-    launch(str(ROOT / "tests" / "distributed_worker.py"), str(out), str(checkpoints["float"]),
+    launch(str(ROOT / "tests" / "helpers" / "distributed_worker.py"), str(out), str(checkpoints["float"]),
            str(checkpoints["quantized"]), str(DEMO))
     reports = [json.loads((out / f"{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1]
@@ -247,9 +248,9 @@ def test_quantized_shares_dequantize_to_the_whole_weights_slices(mode, bits, gro
                                       bits=bits, mode=mode).astype(mx.float32))
 
     whole = weights()
-    _keep_inputs(layer, 2 * group_size, 4 * group_size, 256)
+    keep_inputs(layer, 2 * group_size, 4 * group_size, 256)
     np.testing.assert_array_equal(weights(), whole[..., 2 * group_size : 4 * group_size])
-    _keep_outputs(layer, [(4, 10), (30, 36)])
+    keep_outputs(layer, [(4, 10), (30, 36)])
     expected = whole[..., 2 * group_size : 4 * group_size]
     np.testing.assert_array_equal(weights(), np.concatenate([expected[:, 4:10], expected[:, 30:36]], axis=1))
 

@@ -7,12 +7,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.utils import load_tokenizer
-from tiny_tokenizer import token_id
 
 from mlx_diffusiongemma import Randomness, diffusion_generate, load, stream_diffusion_generate
 from mlx_diffusiongemma import chat
 from mlx_diffusiongemma.chat import render_prompt, split_thinking
 from mlx_diffusiongemma.generate import Commit, DiffusionOptions, DiffusionResponse, Draft
+
+from helpers.tiny_tokenizer import token_id
 
 V, C = 40, 6
 

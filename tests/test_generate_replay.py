@@ -10,14 +10,15 @@ own logits.
 import numpy as np
 import pytest
 import torch
-from reference import build_reference, save_reference
-from replay import ReplayedDecoder, ReplayedRandomness, record_reference
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
 import mlx.core as mx
 
 from mlx_diffusiongemma import diffusion_generate, load_model
 from mlx_diffusiongemma.generate import Draft, stream_diffusion_generate
+
+from helpers.reference import build_reference, save_reference
+from helpers.replay import ReplayedDecoder, ReplayedRandomness, record_reference
 
 C = 12  # canvas length of the test checkpoints
 PROMPT = np.random.default_rng(0).integers(3, 320, 21).tolist()  # longer than the sliding window (8)

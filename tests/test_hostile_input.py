@@ -25,111 +25,31 @@ run in a child process under a memory and time limit.
 
 import contextlib
 import copy
-import inspect
 import io
 import json
 import math
 import os
 import re
 import resource
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
-import traceback
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_diffusiongemma.cli import parse_args
 from mlx_diffusiongemma.generate import DiffusionOptions, DiffusionResponse, diffusion_generate
-from mlx_diffusiongemma.load import load, load_config, load_generation_config
-from mlx_diffusiongemma.model import ModelArgs
+from mlx_diffusiongemma.load import load
+
+# The property (`outcome`), the loader check and the child process's cases: helpers/hostile.py
+from helpers.hostile import CHILD_CASES, check_loader, checkpoint_copy, link, outcome, time_limit, vm_size, write
 
 HERE = Path(__file__).resolve().parent
-
-# ---------------------------------------------------------------------------
-# The property
-
-
-OWN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError)
-CALL_SECONDS = 20  # a single call past this is a hang (checked with SIGALRM)
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float = None):
-    seconds = seconds or CALL_SECONDS
-
-    def alarm(signum, frame):
-        raise Hang(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-def check_own_error(e: BaseException, names=(), unknown_options: bool = False) -> None:
-    """Raise AssertionError (chained to `e`, so hypothesis tells apart the
-    places that raised) unless `e` is one of the package's errors with a
-    one-line message naming one of `names` (when given)."""
-    kinds = OWN_ERRORS + ((TypeError,) if unknown_options else ())
-    message = str(e)
-    problems = []
-    if type(e) not in kinds:
-        problems.append(f"{type(e).__name__} is not one of the package's errors")
-    elif type(e) is TypeError and not message.startswith("unknown generation option"):
-        problems.append("a TypeError that is not about unknown options")
-    if not message.strip():
-        problems.append("empty message")
-    elif "\n" in message:
-        problems.append("message spans several lines")
-    elif " " not in message.strip():
-        problems.append("message is a bare value, not a sentence")
-    if names and not any(n in message for n in names):
-        problems.append(f"message does not name {names[0]}")
-    if problems:
-        where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
-        at = f" (raised at {where[0].filename}:{where[0].lineno})" if where else ""
-        raise AssertionError(f"{'; '.join(problems)}: {type(e).__name__}: {message[:400]!r}{at}") from e
-
-
-def outcome(call, names=(), unknown_options=False, what=None):
-    """(True, result) or (False, error) after checking the error is ours."""
-    what = what or getattr(call, "__qualname__", "call").split(".")[0]
-    try:
-        with time_limit():
-            result = call()
-    except Exception as e:  # noqa: BLE001 - the point: anything else is a failure
-        _event(f"{what}: {type(e).__name__}")
-        check_own_error(e, names, unknown_options)
-        return False, e
-    _event(f"{what}: result")
-    return True, result
-
-
-def _event(label: str) -> None:
-    """How often each call gave a result or an error (--hypothesis-show-statistics):
-    a test whose examples all fail one early check tests little."""
-    try:
-        event(label)
-    except Exception:  # noqa: BLE001 - outside a hypothesis test (the child process)
-        pass
-
 
 # ---------------------------------------------------------------------------
 # Fixtures: a memory guard, the checkpoints, the models
@@ -140,19 +60,12 @@ def memory_guard():
     """An allocation past a few GiB fails in this process (a bug to report)
     rather than taking the machine's memory."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = _vm_size() + 6 * 2**30
+    limit = vm_size() + 6 * 2**30
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     yield
     resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def _vm_size() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
-    return 4 * 2**30
 
 
 @pytest.fixture(scope="module")
@@ -174,55 +87,6 @@ def demo():
 @pytest.fixture(scope="module")
 def base_config(base) -> dict:
     return json.loads((base / "config.json").read_text())
-
-
-@contextlib.contextmanager
-def checkpoint_copy(base: Path):
-    """A fresh copy of `base` (weights hard-linked) in a fresh temporary directory."""
-    with tempfile.TemporaryDirectory(prefix="hostile-") as tmp:
-        path = Path(tmp) / "ckpt"
-        path.mkdir()
-        for f in base.iterdir():
-            if f.name.endswith(".safetensors"):
-                _link(f, path / f.name)
-            else:
-                shutil.copy(f, path / f.name)
-        yield path
-
-
-def _link(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy(src, dst)
-
-
-SMOKE_PROMPT = "why is the sky blue"
-
-
-def _generation_config(path: Path, config: dict):
-    """load_generation_config(path) - or (path, args) where it checks the eos
-    ids against the model: the args of `config`, the unedited checkpoint's."""
-    if len(inspect.signature(load_generation_config).parameters) == 1:
-        return load_generation_config(path)
-    return load_generation_config(path, ModelArgs.from_dict(config))
-
-
-def check_loader(path: Path, config: dict) -> None:
-    """The loader's entry points on `path`: a result or our error naming the
-    checkpoint; and what loads generates one canvas (result or our error).
-    `config`: the unedited checkpoint's config.json."""
-    names = (str(path),)
-    outcome(lambda: load_config(path), names, what="load_config")
-    outcome(lambda: _generation_config(path, config), names, what="load_generation_config")
-    loaded, result = outcome(lambda: load(path), names, what="load")
-    if loaded:
-        model, tokenizer = result
-        outcome(lambda: diffusion_generate(model, tokenizer, SMOKE_PROMPT, max_tokens=1, max_denoising_steps=1, seed=0),
-                what="generate from text")
-        outcome(lambda: diffusion_generate(model, None, [2, 9, 10], max_tokens=1, max_denoising_steps=1, seed=0),
-                what="generate from ids")
 
 
 COMMON = dict(
@@ -322,10 +186,6 @@ LOADER_FILES = ["config.json", "generation_config.json", "model.safetensors.inde
 TOKENIZER_FILES = ["tokenizer_config.json", "tokenizer.json"]
 
 
-def _write(path: Path, data) -> None:
-    path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
-
-
 @settings(max_examples=80, **COMMON)
 @given(
     file=st.sampled_from(LOADER_FILES),
@@ -345,7 +205,7 @@ def test_loader_files_of_random_bytes(base, base_config, file, data):
 @given(file=st.sampled_from(LOADER_FILES), value=json_values)
 def test_loader_files_of_random_json(base, base_config, file, value):
     with checkpoint_copy(base) as path:
-        _write(path / file, value)
+        write(path / file, value)
         check_loader(path, base_config)
 
 
@@ -403,7 +263,7 @@ def _config_edits():
 @given(changes=_config_edits())
 def test_loader_config_edits(base, base_config, changes):
     with checkpoint_copy(base) as path:
-        _write(path / "config.json", apply_edits(base_config, changes))
+        write(path / "config.json", apply_edits(base_config, changes))
         check_loader(path, base_config)
 
 
@@ -419,7 +279,7 @@ BASE_GENERATION = {
 @given(changes=edits(BASE_GENERATION, [("sampler_config",), ("max_tokens",), ("unknown_key",)]))
 def test_loader_generation_config_edits(base, base_config, changes):
     with checkpoint_copy(base) as path:
-        _write(path / "generation_config.json", apply_edits(BASE_GENERATION, changes))
+        write(path / "generation_config.json", apply_edits(BASE_GENERATION, changes))
         check_loader(path, base_config)
 
 
@@ -453,9 +313,9 @@ def _outside(path: Path, shard) -> bool:
 def test_loader_index_edits(base, base_config, weight_names, data, shape, npz):
     with checkpoint_copy(base) as path:
         outside = path.parent / "outside"
-        _link(base / "model.safetensors", path.parent / "x.safetensors")  # what "../x.safetensors" reaches
-        _link(base / "model.safetensors", outside / "x.safetensors")  # what "ABS" becomes
-        _link(base / "model.safetensors", path / "sub" / "model.safetensors")
+        link(base / "model.safetensors", path.parent / "x.safetensors")  # what "../x.safetensors" reaches
+        link(base / "model.safetensors", outside / "x.safetensors")  # what "ABS" becomes
+        link(base / "model.safetensors", path / "sub" / "model.safetensors")
         if npz == "valid":
             np.savez(path / "w.npz", **{k: np.array(v) for k, v in mx.load(str(base / "model.safetensors")).items()})
         elif npz == "garbage":
@@ -472,7 +332,7 @@ def test_loader_index_edits(base, base_config, weight_names, data, shape, npz):
         if isinstance(weight_map, dict):
             weight_map = {k: str(outside / "x.safetensors") if v == "ABS" else v for k, v in weight_map.items()}
         index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-        _write(path / "model.safetensors.index.json", index)
+        write(path / "model.safetensors.index.json", index)
         check_loader(path, base_config)
         if isinstance(weight_map, dict) and any(_outside(path, v) for v in weight_map.values()):
             escaped = sorted({v for v in weight_map.values() if _outside(path, v)})
@@ -524,117 +384,14 @@ def test_loader_paths(tmp_path, base):
 # that kills the child is reported as a crash and the child restarts after it.
 
 
-def _absurd_cases() -> dict:
-    text = lambda **kw: ("text", kw)  # noqa: E731
-    top = lambda **kw: ("top", kw)  # noqa: E731
-    cases = {
-        "num_hidden_layers=10**12 without layer_types": [text(num_hidden_layers=10**12, layer_types=None)],
-        "num_hidden_layers=2**31-1 without layer_types": [text(num_hidden_layers=2**31 - 1, layer_types=None)],
-        "num_hidden_layers=10**12": [text(num_hidden_layers=10**12)],
-        "canvas_length=2**31-1 max_position_embeddings=10**12": [top(canvas_length=2**31 - 1), text(max_position_embeddings=10**12)],
-        "canvas_length=10**12 max_position_embeddings=10**13": [top(canvas_length=10**12), text(max_position_embeddings=10**13)],
-        "canvas_length=10**6 max_position_embeddings=10**7": [top(canvas_length=10**6), text(max_position_embeddings=10**7)],
-        "sliding_window=10**12": [text(sliding_window=10**12)],
-        "max_position_embeddings=10**12": [text(max_position_embeddings=10**12)],
-        "per_layer_config head_dim=10**12": [text(per_layer_config={"1": {"head_dim": 10**12}, "3": {"head_dim": 32, "num_key_value_heads": 1}})],
-        "per_layer_config index 10**12": [text(per_layer_config={"1000000000000": {"head_dim": 32}})],
-        "global_head_dim=10**12": [text(per_layer_config=None, global_head_dim=10**12)],
-        "rope partial_rotary_factor=-10**6": [text(rope_parameters={"full_attention": {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": -(10**6)}})],
-    }
-    for field in ("hidden_size", "vocab_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                  "head_dim", "num_experts", "top_k_experts", "moe_intermediate_size"):
-        cases[f"{field}=10**12"] = [text(**{field: 10**12})]
-        cases[f"{field}=2**31-1"] = [text(**{field: 2**31 - 1})]
-        cases[f"{field}=2**24"] = [text(**{field: 2**24})]
-    return {f"size: {name}": ("edit", changes) for name, changes in cases.items()}
-
-
-QUANTIZED_MODULES = ["model.decoder.embed_tokens", "model.decoder.layers.0.mlp.up_proj",
-                     "model.decoder.layers.1.experts.switch_glu.gate_proj", "model.decoder.self_conditioning.up_proj"]
-
-
-def _quantization_cases(random_cases: int = 25) -> dict:
-    """Explicit quantization settings, then `random_cases` drawn with a fixed seed."""
-    explicit = [
-        {"bits": 4, "group_size": 0}, {"bits": 0, "group_size": 64}, {"bits": 4, "group_size": -1},
-        {"bits": 100, "group_size": 64}, {"bits": 4, "group_size": 64, "mode": "x"}, {"bits": 4, "group_size": 3},
-        {"bits": "4", "group_size": "64"}, {"bits": 4.5, "group_size": 64}, {"bits": None, "group_size": None},
-        {"bits": 4, "group_size": 64, "mode": "mxfp4"}, {"bits": 4, "group_size": 10**12},
-    ]
-    entries = [True, False, {}, "x", [], 1, None, {"bits": 4, "group_size": 0}, {"bits": 0, "group_size": 64},
-               {"bits": -3, "group_size": 64}, {"bits": 4, "group_size": 3}, {"bits": 4.5, "group_size": 64},
-               {"bits": 4, "group_size": 10**12}, {"bits": 4, "group_size": 64, "mode": "nvfp4"}, {"bits": 8, "group_size": 32}]
-    for entry in entries:
-        explicit.append({"bits": 4, "group_size": 64, "model.decoder.embed_tokens": entry})
-    explicit += [[1, 2], "q4", 4, {"bits": 4}, {"group_size": 64}]
-    rng = __import__("random").Random(20)
-    leaves = [0, 1, 2, 3, 4, 8, 16, 32, 64, 128, -1, 10**12, 4.5, "4", None, True, "affine", "mxfp4", "nvfp4", "mxfp8", "x"]
-    for _ in range(random_cases):
-        q = {"bits": rng.choice(leaves), "group_size": rng.choice(leaves)}
-        if rng.random() < 0.3:
-            q["mode"] = rng.choice(leaves)
-        for module in rng.sample(QUANTIZED_MODULES, rng.randint(0, 2)):
-            q[module] = rng.choice(entries + [{"bits": rng.choice(leaves), "group_size": rng.choice(leaves)}])
-        explicit.append(q)
-    cases = {}
-    for q in explicit:
-        key = "quantization_config" if len(cases) % 5 == 4 else "quantization"
-        cases[f"{key}: {json.dumps(q)}"] = ("set", {key: q})
-    return cases
-
-
-CHILD_CASES = {**_absurd_cases(), **_quantization_cases()}
-
-
-def _child_config(config: dict, case) -> dict:
-    kind, spec = case
-    config = copy.deepcopy(config)
-    if kind == "set":
-        config.update(copy.deepcopy(spec))
-        return config
-    for where, values in spec:
-        target = config if where == "top" else config["text_config"]
-        for k, v in values.items():
-            if v is None:
-                target.pop(k, None)
-            else:
-                target[k] = v
-    return config
-
-
-def _run_child_cases(base: Path, names_file: Path, out: Path) -> None:
-    """In the child: each named case under the alarm, a "start" line before it
-    and its result after (a start without a result: the case killed the child)."""
-    global CALL_SECONDS
-    CALL_SECONDS = 10  # a hang here is 10**12 layers: no need to wait longer
-    config = json.loads((base / "config.json").read_text())
-    limit = _vm_size() + 3 * 2**30
-    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    with out.open("a") as f:
-        for name in json.loads(names_file.read_text()):
-            f.write(json.dumps({"case": name, "start": True}) + "\n")
-            f.flush()
-            result, start = {"case": name, "ok": True}, time.perf_counter()
-            try:
-                with checkpoint_copy(base) as path:
-                    _write(path / "config.json", _child_config(config, CHILD_CASES[name]))
-                    check_loader(path, config)
-            except AssertionError as e:
-                result = {"case": name, "ok": False, "error": str(e),
-                          "traceback": "".join(traceback.format_exception(e.__cause__ or e))[-2500:]}
-            result["seconds"] = round(time.perf_counter() - start, 3)
-            f.write(json.dumps(result) + "\n")
-            f.flush()
-
-
 @pytest.fixture(scope="module")
 def child_results(base, tmp_path_factory) -> dict:
     """Every CHILD_CASES result, restarting the child after a case that kills it."""
     work = tmp_path_factory.mktemp("child")
     out, names_file = work / "results.jsonl", work / "names.json"
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import test_hostile_input as t; "
-        "t._run_child_cases(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))"
+        "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; from helpers.hostile import run_child_cases; "
+        "run_child_cases(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))"
     )
     results, remaining = {}, list(CHILD_CASES)
     while remaining:

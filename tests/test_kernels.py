@@ -20,10 +20,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import metal_emulation
-from cuda_build import cuda_source, nvcc_compile
 from mlx_diffusiongemma import diffusion_generate, kernels, load, sampling
 from mlx_diffusiongemma.demo import problems, score
+
+from helpers import metal_emulation
+from helpers.cuda_build import cuda_source, nvcc_compile
 
 ROOT = Path(__file__).resolve().parent.parent
 T = mx.array(0.7, mx.float32)

@@ -5,10 +5,11 @@ import json
 import numpy as np
 from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from reference import build_reference, save_reference
 
 from mlx_diffusiongemma import load, load_model
-from tiny_tokenizer import token_id, write_tokenizer
+
+from helpers.reference import build_reference, save_reference
+from helpers.tiny_tokenizer import token_id, write_tokenizer
 
 
 def test_load_returns_model_and_tokenizer(tmp_path):

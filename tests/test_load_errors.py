@@ -15,8 +15,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from mlx_diffusiongemma.load import load, load_model
-from reference import build_reference, save_reference
-from tiny_tokenizer import write_tokenizer
+
+from helpers.reference import build_reference, save_reference
+from helpers.tiny_tokenizer import write_tokenizer
 
 PROMPT = [2, 17, 45, 301, 8, 99, 120]
 CANVAS = [5, 260, 7, 7, 33, 310, 1, 0, 64, 128, 250, 3]

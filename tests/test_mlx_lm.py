@@ -3,11 +3,9 @@
 import hook this package installs (mlx_diffusiongemma.pth)."""
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,9 @@ from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_promp
 
 from mlx_diffusiongemma import Model, diffusion_generate, load
 from mlx_diffusiongemma.generate import DiffusionResponse
-from tiny_tokenizer import token_id
+
+from helpers.server import post, serving
+from helpers.tiny_tokenizer import token_id
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "why is the sky blue"
@@ -113,47 +113,10 @@ def test_mlx_lm_chat_two_turns(chat_checkpoint):
     assert out.count(" tokens · ") == 2  # one statistics line per answered turn
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _serving(model_path, *flags):
-    """mlx_lm.server on loopback with its default settings (plus `flags`)."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_path), "--host", "127.0.0.1",
-         "--port", str(port), *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/v1/models", timeout=1)
-                break
-            except OSError:
-                assert process.poll() is None, process.stderr.read()
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 @pytest.fixture(scope="module")
 def server(chat_checkpoint):
-    with _serving(chat_checkpoint) as url:
+    with serving(chat_checkpoint) as url:
         yield url
-
-
-def _post(url, body) -> str:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return response.read().decode()
 
 
 def _streamed_text(body: str, key) -> str:
@@ -166,21 +129,21 @@ def test_server_completions_match_ours(server, chat_checkpoint):
     # draw from the global random state between our draws. Three prompt tokens:
     # with two, mlx-lm prefills a one-token chunk, which costs a canvas (see mlx_lm_model).
     body = {"prompt": "hello world sky", "max_tokens": 12, "seed": 5, "temperature": 0.0}
-    text = json.loads(_post(f"{server}/v1/completions", body))["choices"][0]["text"]
+    text = json.loads(post(f"{server}/v1/completions", body))["choices"][0]["text"]
     _, tokenizer, ours = _ours(chat_checkpoint, [token_id("hello"), token_id("world"), token_id("sky")], 5, 12)
     assert text == tokenizer.decode(ours.tokens)
-    streamed = _post(f"{server}/v1/completions", {**body, "stream": True})
+    streamed = post(f"{server}/v1/completions", {**body, "stream": True})
     assert _streamed_text(streamed, lambda c: c.get("text")) == text
 
 
 def test_server_chat_completions_streamed_and_not(server, chat_checkpoint):
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 12, "seed": 7, "temperature": 0.0,
             "chat_template_kwargs": {"enable_thinking": False}}
-    reply = json.loads(_post(f"{server}/v1/chat/completions", body))
+    reply = json.loads(post(f"{server}/v1/chat/completions", body))
     text = reply["choices"][0]["message"]["content"]
     _, tokenizer, ours = _ours(chat_checkpoint, _prompt_ids(chat_checkpoint), 7, 12)
     assert text == tokenizer.decode(ours.tokens) and reply["usage"]["completion_tokens"] >= len(ours.tokens)
-    streamed = _post(f"{server}/v1/chat/completions", {**body, "stream": True})
+    streamed = post(f"{server}/v1/chat/completions", {**body, "stream": True})
     assert _streamed_text(streamed, lambda c: c.get("delta", {}).get("content")) == text
 
 
@@ -230,7 +193,7 @@ def demo_checkpoint(tmp_path_factory):
 
 def _request(url, kind, payload, seed, stream):
     body = {**payload, "max_tokens": 12, "seed": seed, "temperature": 0.0, "stream": stream}
-    reply = _post(f"{url}/v1/{kind}", body)
+    reply = post(f"{url}/v1/{kind}", body)
     if kind == "completions":
         key = (lambda c: c.get("text")) if stream else None
     else:
@@ -274,7 +237,7 @@ def test_server_default_settings_answer_every_request_as_a_fresh_one(demo_checkp
     expected = [_fresh_answer(model, tokenizer, kind, payload, seed) for seed, (kind, payload) in enumerate(requests)]
     assert expected[0] == "01235789"  # the demo model sorts digits
 
-    with _serving(demo_checkpoint) as url:
+    with serving(demo_checkpoint) as url:
         # one after another: every request after the first finds a cached prefix
         answers = [_request(url, kind, payload, seed, stream=seed % 2 == 1)
                    for seed, (kind, payload) in enumerate(requests)]
@@ -309,7 +272,7 @@ def test_server_answers_around_overlong_and_unknown_requests():
                                max_tokens=16)
     overlong = {"messages": [{"role": "user", "content": "7" * 20_000}], "max_tokens": 16}
     unknown = {"messages": [{"role": "user", "content": "abc"}], "max_tokens": 16}
-    with _serving(demo) as url:
+    with serving(demo) as url:
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             replies = list(pool.map(lambda body: _post_status(f"{url}/v1/chat/completions", body), [overlong, good, unknown]))

@@ -36,14 +36,15 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
     trim_prompt_cache,
 )
-from reference import build_reference, save_reference
-from test_mlx_lm import _post, _serving
-from tiny_tokenizer import write_tokenizer
 
 from mlx_diffusiongemma import diffusion_generate
 from mlx_diffusiongemma.demo import problems, prompt_ids
 from mlx_diffusiongemma.mlx_lm_model import BatchHeld, _entry
 from mlx_diffusiongemma.model import GenerationConfig
+
+from helpers.reference import build_reference, save_reference
+from helpers.server import post, serving
+from helpers.tiny_tokenizer import write_tokenizer
 
 C = 12  # canvas length of the test checkpoints; sliding window 8
 RNG = np.random.default_rng(7)
@@ -242,9 +243,9 @@ def test_server_batches_concurrent_requests():
     cases = problems(8, seed=12)
     alone = [mlx_lm.generate(model, tokenizer, prompt_ids(tokenizer, digits), max_tokens=16) for digits, _ in cases]
     bodies = [{"messages": [{"role": "user", "content": digits}], "max_tokens": 16} for digits, _ in cases]
-    with _serving(DEMO) as url:
+    with serving(DEMO) as url:
         with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-            replies = list(pool.map(lambda body: _post(f"{url}/v1/chat/completions", body), bodies))
+            replies = list(pool.map(lambda body: post(f"{url}/v1/chat/completions", body), bodies))
     assert [json.loads(r)["choices"][0]["message"]["content"] for r in replies] == alone
 
 

@@ -7,10 +7,11 @@ last window - 1 cached tokens while full layers see everything.
 import numpy as np
 import mlx.core as mx
 import pytest
-from reference import ReferenceRunner, build_reference, save_reference
 
 from mlx_diffusiongemma import load_model
 from mlx_diffusiongemma import model as model_module
+
+from helpers.reference import ReferenceRunner, build_reference, save_reference
 
 TOLERANCE = 1e-4
 VOCAB = 320

@@ -9,9 +9,10 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from reference import REAL_CONFIG, build_reference, save_reference
 
 from mlx_diffusiongemma import Model, ModelArgs, load_model, quantize, save_model
+
+from helpers.reference import REAL_CONFIG, build_reference, save_reference
 
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-SHIM = Path(__file__).with_name("metal_shim.h")
+SHIM = Path(__file__).parents[1] / "metal_shim.h"  # tests/metal_shim.h
 BUILD = Path(tempfile.gettempdir()) / "mlx_diffusiongemma_metal_emulation"
 
 # mlx's metal_attributes, in its order: those named in the body become parameters

@@ -46,7 +46,7 @@ TINY_VISION = dict(
 
 
 # The released 26B-A4B model's text configuration (no vision tower).
-REAL_CONFIG = json.loads((Path(__file__).parent / "real_26b_config.json").read_text())
+REAL_CONFIG = json.loads((Path(__file__).parents[1] / "real_26b_config.json").read_text())  # tests/real_26b_config.json
 
 
 def build_reference(seed: int = 0, canvas_length: int = 12, perturb: bool = True, **text_overrides) -> DiffusionGemmaForBlockDiffusion:
