@@ -10,8 +10,8 @@ decides when the kernel runs and checks it against the MLX path first.
 """
 
 import functools
-import importlib.resources
 import math
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
@@ -52,11 +52,18 @@ def backend() -> Optional[str]:
     return None
 
 
+def sources() -> Path:
+    """metal/: inside the package once installed from a wheel, beside it in the
+    repository (an editable install runs the package where it is)."""
+    package = Path(__file__).parent
+    return next((d for d in (package / "metal", package.parent / "metal") if (d / "row_sampler.body").is_file()), package / "metal")
+
+
 def source(backend_name: str) -> tuple:
     """(header, body) as handed to mx.fast.{metal,cuda}_kernel."""
-    files = importlib.resources.files("mlx_diffusiongemma.metal")
-    header = files.joinpath(PRELUDES[backend_name]).read_text() + "\n" + files.joinpath("row_sampler.h").read_text()
-    return header, files.joinpath("row_sampler.body").read_text()
+    files = sources()
+    header = (files / PRELUDES[backend_name]).read_text() + "\n" + (files / "row_sampler.h").read_text()
+    return header, (files / "row_sampler.body").read_text()
 
 
 @functools.cache
