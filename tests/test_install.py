@@ -25,7 +25,8 @@ SCRIPTS = {
     "mlx_diffusiongemma.generate": "mlx_diffusiongemma.cli:main",
     "mlx_diffusiongemma.convert": "mlx_diffusiongemma.convert:main",
     "mlx_diffusiongemma.train": "mlx_diffusiongemma.train:main",
-    "mlx_diffusiongemma.demo": "mlx_diffusiongemma.__main__:main",
+    "mlx_diffusiongemma.demo": "mlx_diffusiongemma.demo:main",
+    "mlx_diffusiongemma": "mlx_diffusiongemma.__main__:main",
 }
 PIP = (sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input")
 OFFLINE = ("--no-deps", "--no-index", "--no-build-isolation", "-q")
@@ -54,7 +55,7 @@ print(json.dumps({
     "dist": str(distribution("mlx-diffusiongemma").locate_file("")),
     "record": "mlx_diffusiongemma.pth," in distribution("mlx-diffusiongemma").read_text("RECORD"),
     "scripts": {ep.name: ep.value for ep in entry_points(group="console_scripts")
-                if ep.name.startswith("mlx_diffusiongemma.") and callable(ep.load())},
+                if ep.name.startswith("mlx_diffusiongemma") and callable(ep.load())},
 }))
 """
 
