@@ -225,7 +225,7 @@ def loopback() -> None:
     say(f"{'pass':<24} {'counted':>8} {'predicted':>9} {'bytes counted':>13} {'predicted':>10}")
     passes = {
         "decode": (lambda: sharded.decode(canvas, caches["sharded"]), False),
-        "self-conditioned decode": (lambda: sharded.decode(canvas, caches["sharded"], self_conditioning_logits=logits), True),
+        "self-conditioned decode": (lambda: sharded.decode(canvas, caches["sharded"], self_conditioning=logits), True),
         "commit (encode)": (lambda: sharded.lookahead(canvas, caches["sharded"]), False),
     }
     mx.disable_compile()
@@ -239,7 +239,7 @@ def loopback() -> None:
                              f"the arithmetic says {count} of {payload}")
     mx.enable_compile()
 
-    step = {name: seconds(lambda m=model, c=caches[name]: mx.eval(m.decode(canvas, c, self_conditioning_logits=logits)))
+    step = {name: seconds(lambda m=model, c=caches[name]: mx.eval(m.decode(canvas, c, self_conditioning=logits)))
             for name, model in (("whole", whole), ("sharded", sharded))}
     say(f"self-conditioned step: whole {step['whole'] * 1e3:.1f} ms, sharded {step['sharded'] * 1e3:.1f} ms "
         "(the ranks share this machine's cores)")

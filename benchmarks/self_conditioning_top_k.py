@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 import mlx.core as mx  # noqa: E402
 
 from mlx_diffusiongemma import load, load_model, stream_diffusion_generate  # noqa: E402
-from mlx_diffusiongemma.generate import DiffusionOptions, _self_conditioning  # noqa: E402
+from mlx_diffusiongemma.generate import DiffusionOptions  # noqa: E402
 from mlx_diffusiongemma.model import Model, ModelArgs, soft_embed, soft_embed_top_k  # noqa: E402
+from mlx_diffusiongemma.sampling import next_self_conditioning  # noqa: E402
 
 DEMO_KS = (1, 2, 4, 8)
 TRAINED_KS = (1, 2, 4, 8, 16, 64)
@@ -182,7 +183,7 @@ def seconds(fn, repeats: int) -> float:
 
 
 def isolated(model, canvas, cache, modes: dict, repeats: int) -> dict:
-    """Per mode, on one first-step prediction: the input `_self_conditioning`
+    """Per mode, on one first-step prediction: the input `next_self_conditioning`
     builds, the soft embedding the decoder makes of it, the decoder with it."""
     from mlx_diffusiongemma.sampling import Randomness, predict
 
@@ -191,17 +192,17 @@ def isolated(model, canvas, cache, modes: dict, repeats: int) -> dict:
     mx.eval(prediction.weights, prediction.total)
     out = {}
     for mode, k in modes.items():
-        sc = _self_conditioning(prediction, model.dtype, k)
+        sc = next_self_conditioning(prediction, model.dtype, k)
         mx.eval(sc)
         if k is None:
-            weights, total = sc["self_conditioning_probs"]
+            weights, total = sc  # Probabilities
             soft = lambda: soft_embed(embedding, weights) / total  # noqa: E731
-        else:
-            soft = lambda: soft_embed_top_k(embedding, *sc["self_conditioning_top_k"])  # noqa: E731
+        else:  # TopK
+            soft = lambda: soft_embed_top_k(embedding, *sc)  # noqa: E731
         m = out[mode] = {
-            "input": seconds(lambda: _self_conditioning(prediction, model.dtype, k), repeats),
+            "input": seconds(lambda: next_self_conditioning(prediction, model.dtype, k), repeats),
             "soft_embedding": seconds(soft, repeats),
-            "decoder": seconds(lambda: model.decode(canvas, cache, **sc), repeats),
+            "decoder": seconds(lambda: model.decode(canvas, cache, sc), repeats),
         }
         print(f"[timing] {mode}: input {m['input']:.3f} s, soft embedding {m['soft_embedding']:.3f} s, "
               f"decoder with it {m['decoder']:.3f} s", flush=True)

@@ -192,9 +192,9 @@ def run_ours(spec, results):
     import mlx.core as mx
 
     import mlx_diffusiongemma
-    from mlx_diffusiongemma import generate as generate_module
     from mlx_diffusiongemma import load_model, stream_diffusion_generate
-    from mlx_diffusiongemma.sampling import Randomness, predict
+    from mlx_diffusiongemma.generate import DiffusionOptions, loop
+    from mlx_diffusiongemma.sampling import Randomness, next_self_conditioning, predict
 
     results["module"] = os.path.dirname(mlx_diffusiongemma.__file__)
     mlx_common(spec, results, mx)
@@ -203,7 +203,7 @@ def run_ours(spec, results):
     C, P, N = spec["canvas_length"], len(spec["prompt"]), spec["steps"]
     prompt = mx.array(spec["prompt"], dtype=mx.int32)
     canvas = mx.array(spec["canvas"], dtype=mx.int32)[None]
-    chunk = getattr(generate_module, "PREFILL_STEP_SIZE", 2048)
+    chunk = loop.PREFILL_STEP_SIZE
 
     # the cache of the isolated measures, built as stream_diffusion_generate
     # prefills (chunks, then the last token alone); the prefill itself is timed
@@ -224,10 +224,10 @@ def run_ours(spec, results):
     # the self-conditioning input the loop itself passes (probabilities in float32 models)
     prediction = predict(logits, mx.array(TEMPERATURE, mx.float32), Randomness(spec["seed"]))
     mode = spec.get("self_conditioning", "exact")
-    top_k = generate_module.DiffusionOptions.self_conditioning_k if mode == "top-k" else None
-    sc = generate_module._self_conditioning(prediction, model.dtype, top_k)
+    top_k = DiffusionOptions.self_conditioning_k if mode == "top-k" else None
+    sc = next_self_conditioning(prediction, model.dtype, top_k)
     mx.eval(sc)
-    results.measure("decoder_sc", lambda: repeat(spec, lambda _: mx.eval(model.decode(canvas, cache, **sc))))
+    results.measure("decoder_sc", lambda: repeat(spec, lambda _: mx.eval(model.decode(canvas, cache, sc))))
     results.measure("sampler", lambda: ours_sampler(spec, model, cache, canvas, logits, mx))
     results["sampler_method"] = "direct: denoise_canvas driven by a model whose decode returns fixed logits"
     results.measure("attention_context", lambda: ours_attention(spec, model, mx))

@@ -3,9 +3,9 @@
 from .load import load, load_model, quantize, save_model
 from .model import Model, ModelArgs
 
-# Imported on first use: `python -m mlx_diffusiongemma.generate` then runs a
-# module the package import has not already loaded, and a command that does
-# not generate (convert, train) imports neither the loop, the sampler nor the kernels.
+# Imported on first use (from the generate package's face, generate/__init__.py):
+# a command that does not generate (convert, train) imports neither the loop,
+# the sampler nor the kernels.
 _LAZY = {
     "DiffusionResponse": "generate",
     "diffusion_generate": "generate",

@@ -2,6 +2,7 @@
 parsing, the live terminal canvas and the statistics line."""
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -96,11 +97,9 @@ def statistics_line(r: DiffusionResponse) -> str:
     )
 
 
-_OPTION_FLAGS = (
-    "max_tokens", "max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
-    "confidence_threshold", "eos_token_id", "acceptance", "min_confidence", "self_conditioning",
-    "self_conditioning_k", "fused_sampling",
-)
+_NO_FLAG = ("pad_token_id",)  # options the command does not offer
+# every other DiffusionOptions field is a flag of the same name (its dest in setup_arg_parser)
+_OPTION_FLAGS = tuple(f.name for f in dataclasses.fields(DiffusionOptions) if f.name not in _NO_FLAG)
 
 
 def parse_args(argv=None) -> tuple:

@@ -10,7 +10,7 @@ lists exactly the keys of a converted checkpoint.
 
 import math
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import mlx.core as mx
 import numpy as np
@@ -268,6 +268,42 @@ class DiffusionGemmaModel(nn.Module):
         self.decoder = Decoder(args)
 
 
+class Probabilities(NamedTuple):
+    """Exact self-conditioning from a step's own unnormalised probabilities:
+    softmax = weights / total (the division follows the embedding product)."""
+
+    weights: mx.array  # [B, C, V]
+    total: mx.array  # [B, C, 1]
+
+
+class TopK(NamedTuple):
+    """Sparse self-conditioning: the k most probable tokens and their exact
+    probabilities (not renormalised over the k)."""
+
+    ids: mx.array  # [B, C, k] int32
+    probs: mx.array  # [B, C, k]
+
+
+# what `Model.decode` takes as self-conditioning: none, the reference's logits, or one of the two above
+SelfConditioningInput = Union[None, mx.array, Probabilities, TopK]
+
+
+def _conditioning_slots(value: SelfConditioningInput) -> tuple:
+    """(logits, (weights, total), (ids, probs)), at most one set: the compiled
+    first segment takes arrays, and tells the kinds apart by their slot."""
+    if value is None:
+        return None, None, None
+    if isinstance(value, Probabilities):
+        return None, tuple(value), None
+    if isinstance(value, TopK):
+        return None, None, tuple(value)
+    if isinstance(value, mx.array):
+        return value, None, None
+    raise TypeError(
+        f"self_conditioning must be None, logits (mx.array), Probabilities or TopK, got {type(value).__name__}"
+    )
+
+
 def _token_batch(ids) -> mx.array:
     """Token ids (list, numpy or mx array; [L] or [B, L]) as an mx array [B, L]."""
     ids = ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
@@ -387,9 +423,7 @@ class Model(nn.Module):
         self,
         canvas_ids,
         cache: list,
-        self_conditioning_logits: Optional[mx.array] = None,
-        self_conditioning_probs: Optional[tuple] = None,
-        self_conditioning_top_k: Optional[tuple] = None,
+        self_conditioning: SelfConditioningInput = None,
         raw_logits: bool = False,
     ) -> mx.array:
         """Denoise a canvas against the cache: float32 softcapped logits [B, C, V],
@@ -397,23 +431,16 @@ class Model(nn.Module):
         sampler that softcaps as it reads (the fused kernel).
 
         The canvas attends to the whole cached context and to itself in both
-        directions; the cache holds the same tokens afterwards. The previous
-        step's prediction comes as the reference passes it, logits (softmaxed
-        here, in float32, after the caller's cast), or as probabilities a
-        sampler already holds:
-        (weights [B, C, V], total [B, C, 1]) with probs = weights / total, which
-        saves a softmax over the logits (the division follows the product), or
-        sparse, (ids [B, C, k], probs [B, C, k]): only those tokens' embeddings,
-        weighted by their probabilities as given (an approximation the caller
-        opts into; no [C, V] @ [V, H] product).
+        directions; the cache holds the same tokens afterwards.
+        `self_conditioning` is the previous step's prediction (None: none, the
+        first step): as the reference passes it, logits (an mx.array [B, C, V],
+        softmaxed here in float32 after the caller's cast), or as a sampler
+        already holds it: `Probabilities` (exact, and saves a softmax over the
+        logits) or `TopK` (sparse: only those tokens' embeddings, an
+        approximation the caller opts into; no [C, V] @ [V, H] product).
         """
         segments, offset = self._segments, mx.array(cache[0].offset).astype(mx.int32)  # [B] in a batch's caches
-        h, q, k, v = segments[0](
-            _token_batch(canvas_ids),
-            None,
-            offset,
-            (self_conditioning_logits, self_conditioning_probs, self_conditioning_top_k),
-        )
+        h, q, k, v = segments[0](_token_batch(canvas_ids), None, offset, _conditioning_slots(self_conditioning))
         *middle, last = segments[1:]
         for segment, c in zip(middle, cache):
             h, q, k, v = segment(h, attend(q, *after_context(c, k, v)), offset)
@@ -446,9 +473,10 @@ class Model(nn.Module):
         return {k: v for k, v in self.__dict__.items() if k != "_compiled_segments"}
 
     def _segment(self, i: int, h, attended, offset, self_conditioning=None, raw_logits=False):
-        """Segment i of the decoder: ids to the first projections (i = 0,
-        with decode's three self-conditioning inputs), layer i-1's second
-        half to layer i's projections, or to the logits (raw or softcapped)."""
+        """Segment i of the decoder: ids to the first projections (i = 0, with
+        decode's self-conditioning in the three slots `_conditioning_slots`
+        gives), layer i-1's second half to layer i's projections, or to the
+        logits (raw or softcapped)."""
         if i == 0:
             h = self._conditioned_embedding(h, *self_conditioning)
         else:
@@ -458,18 +486,18 @@ class Model(nn.Module):
             return self.head(h, softcap=not raw_logits)
         return (h, *self.layers[i].project(h, offset))
 
-    def _conditioned_embedding(self, ids, self_conditioning_logits, self_conditioning_probs, self_conditioning_top_k):
+    def _conditioned_embedding(self, ids, logits, probabilities, top_k):
         decoder = self.model.decoder
         h = self._embed(ids)
         soft = None
-        if self_conditioning_logits is not None:
-            probs = mx.softmax(self_conditioning_logits.astype(mx.float32), axis=-1)
+        if logits is not None:
+            probs = mx.softmax(logits.astype(mx.float32), axis=-1)
             soft = soft_embed(decoder.embed_tokens, probs.astype(h.dtype))
-        elif self_conditioning_probs is not None:
-            weights, total = self_conditioning_probs
+        elif probabilities is not None:
+            weights, total = probabilities
             soft = soft_embed(decoder.embed_tokens, weights.astype(h.dtype)) / total.astype(h.dtype)
-        elif self_conditioning_top_k is not None:
-            soft = soft_embed_top_k(decoder.embed_tokens, *self_conditioning_top_k).astype(h.dtype)
+        elif top_k is not None:
+            soft = soft_embed_top_k(decoder.embed_tokens, *top_k).astype(h.dtype)
         if soft is not None:
             soft = soft * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
         return decoder.self_conditioning(h, soft)

@@ -3,13 +3,15 @@ generation_diffusion_gemma: randomness, temperature schedule, the step's
 prediction (draw, argmax, entropy, probabilities), acceptance, renoising,
 stable-and-confident stopping.
 
-Each matches its reference counterpart on the same inputs; `generate.py`
-strings them together in the reference's order. `predict` reads the logits
-with one exponential pass, shared by the draw, the entropy (for acceptance and
-stopping) and the next step's self-conditioning: transcendental passes over
-[canvas, vocab] logits are what a step costs once the decoder has run. On a
-GPU one fused kernel (kernels.py) does the same in one read of the logits,
-once it has agreed with this path (`fused_sampler_ready`).
+Each matches its reference counterpart on the same inputs; the generation
+loop (generate/loop.py) strings them together in the reference's order.
+`predict` reads the logits with one exponential pass, shared by the draw,
+the entropy (for acceptance and stopping) and the next step's
+self-conditioning: transcendental passes over [canvas, vocab] logits are what
+a step costs once the decoder has run. On a GPU one fused kernel (kernels.py)
+does the same in one read of the logits, once it has agreed with this path
+(`fused_sampler_ready`). `choose_prediction` decides, once per canvas, which
+of the two a step takes and what it feeds back to the decoder.
 """
 
 import copy
@@ -24,6 +26,7 @@ from mlx_lm.models.gemma4_text import logit_softcap
 
 from . import kernels
 from .config import check_range
+from .model import Probabilities, SelfConditioningInput, TopK
 
 SEED_LIMIT = 2**64  # mx.random.key and mx.random.seed take an unsigned 64-bit seed
 
@@ -313,6 +316,96 @@ def fused_disagreements(logits, temperature, key, softcap, weights_dtype, top_k=
         if not (0 <= d < c.size and c[d] > before and before <= u[row] + 1e-5 and c[d] >= u[row] - 1e-5):
             problems.append(f"row {row} drew {d}, where the cumulative probabilities do not cross {u[row]:.6f}")
     return problems
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """How each step of a canvas reads the decoder's logits, as
+    `choose_prediction` chose: `predictor(logits, temperature, draws)` is the
+    step's `Prediction`, `predictor.self_conditioning(prediction)` the next
+    decoder call's input, and `raw_logits` what the decoder must return."""
+
+    dtype: mx.Dtype  # the model's
+    top_k: Optional[int] = None  # top-k self-conditioning's k; None: exact
+    fused: bool = False  # the fused kernel (else the MLX path)
+    softcap: Optional[float] = None  # the kernel softcaps the raw lm_head output as it reads
+    weights_dtype: Optional[mx.Dtype] = None  # the kernel's weights (None: not written)
+    kernel_top_k: Optional[int] = None  # the kernel picks the k ids itself
+
+    @property
+    def raw_logits(self) -> bool:
+        return self.fused
+
+    def __call__(self, logits: mx.array, temperature: mx.array, randomness) -> Prediction:
+        if self.fused:
+            return predict(logits, temperature, randomness, self.softcap, self.weights_dtype, True, self.kernel_top_k)
+        return predict(logits, temperature, randomness)
+
+    def self_conditioning(self, prediction: Prediction) -> SelfConditioningInput:
+        return next_self_conditioning(prediction, self.dtype, self.top_k)
+
+
+def choose_prediction(
+    dtype: mx.Dtype,
+    vocab_size: int,
+    softcap: Optional[float],
+    randomness,
+    *,
+    self_conditioning_k: Optional[int] = None,
+    acceptance: str = "entropy_bound",
+    fused_sampling: bool = True,
+) -> Predictor:
+    """The kernel policy, decided once per canvas for a model of `dtype`
+    whose head softcaps at `softcap`. `self_conditioning_k`: top-k
+    self-conditioning's k (None: exact); `acceptance`: the acceptance's name
+    ("confidence" reads the step's probabilities).
+
+    The fused kernel runs with `fused_sampling`, for `Randomness` draws (a
+    replay of recorded draws takes the MLX path), once `fused_sampler_ready`
+    agrees. It reads the raw lm_head output (softcapped inside) and writes
+    the self-conditioning weights in bfloat16 for a bfloat16 model, else in
+    float32 (float16 would underflow against the kernel's bound); for top-k
+    self-conditioning it picks the k ids itself (k <= 64), and then writes
+    weights only for confidence acceptance."""
+    top_k = self_conditioning_k
+    kernel_top_k = top_k if top_k is not None and top_k <= min(kernels.MAX_TOP_K, vocab_size - 1) else None
+    weights_dtype = mx.bfloat16 if dtype == mx.bfloat16 else mx.float32
+    if kernel_top_k is not None and acceptance != "confidence":
+        weights_dtype = None
+    fused = (
+        fused_sampling
+        and isinstance(randomness, Randomness)
+        and fused_sampler_ready(dtype, weights_dtype, softcap, vocab_size, kernel_top_k)
+    )
+    if not fused:
+        return Predictor(dtype, top_k)
+    return Predictor(dtype, top_k, True, softcap, weights_dtype, kernel_top_k)
+
+
+def next_self_conditioning(
+    prediction: Prediction, dtype: mx.Dtype, top_k: Optional[int] = None
+) -> SelfConditioningInput:
+    """The next decoder call's self-conditioning input. The reference passes
+    the processed logits cast to the embedding dtype and softmaxes them in
+    float32; in a float32 model that cast changes nothing, so the step's own
+    probabilities are the same and save a softmax over the logits.
+
+    With `top_k` below the vocabulary size, only the k most probable tokens
+    and their exact probabilities (weights / total, in float32 whatever the
+    dtype), not renormalised over the k: each kept term of the embedding sum
+    is the exact mode's term, only the tail is dropped. This skips the
+    [C, V] @ [V, H] product. k >= V keeps every term: that is the exact mode,
+    so it takes the exact path (the same sum in another order rounds
+    differently, and the feedback amplifies that into other tokens)."""
+    if prediction.top_k is not None:  # the fused kernel's
+        return TopK(*prediction.top_k)
+    if top_k is not None and top_k < prediction.weights.shape[-1]:
+        ids = top_k_indices(prediction.weights, top_k)
+        probs = mx.take_along_axis(prediction.weights, ids, axis=-1) / prediction.total
+        return TopK(ids, probs)
+    if dtype == mx.float32 or prediction.processed is None:  # None: the fused kernel's weights, in dtype
+        return Probabilities(prediction.weights, prediction.total)
+    return prediction.processed.astype(dtype)
 
 
 class EntropyBoundAcceptance:

@@ -10,8 +10,8 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import Entro
 import mlx.core as mx
 
 from mlx_diffusiongemma import diffusion_generate, load_model
-from mlx_diffusiongemma import generate
-from mlx_diffusiongemma.generate import Commit, DiffusionResponse, Draft, prefill, stream_diffusion_generate
+from mlx_diffusiongemma.generate import Commit, DiffusionResponse, Draft, loop, prefill, stream_diffusion_generate
+from mlx_diffusiongemma.model import Probabilities
 
 from helpers.reference import build_reference, save_reference
 from helpers.replay import ReplayedBatch, ReplayedRandomness, ReplayedRows, record_reference, record_reference_batch
@@ -143,7 +143,7 @@ def test_padding_never_changes_a_row(separated, monkeypatch):
     padding is masked, as the reference masks a padded prompt)."""
     _, model = separated
     V = model.args.vocab_size
-    monkeypatch.setattr(generate, "PREFILL_STEP_SIZE", 10)  # 21 tokens: chunks of 10, 9 and 2, never 1
+    monkeypatch.setattr(loop, "PREFILL_STEP_SIZE", 10)  # 21 tokens: chunks of 10, 9 and 2, never 1
     alone = [prefill(model, [mx.array(p)]) for p in PROMPTS]
     batch = prefill(model, [mx.array(p) for p in PROMPTS])
     assert isinstance(batch[0], BatchRotatingKVCache) and isinstance(batch[1], BatchKVCache)
@@ -152,9 +152,9 @@ def test_padding_never_changes_a_row(separated, monkeypatch):
         canvas = mx.array(RNG.integers(0, V, (len(rows), C)), dtype=mx.int32)
         probs = mx.softmax(mx.array(RNG.standard_normal((len(rows), C, V)), dtype=mx.float32), axis=-1)
         conditioning = (probs, mx.ones((len(rows), C, 1)))
-        together = model.decode(canvas, batch, self_conditioning_probs=conditioning)
+        together = model.decode(canvas, batch, self_conditioning=Probabilities(*conditioning))
         for i, r in enumerate(rows):
-            single = model.decode(canvas[i : i + 1], alone[r], self_conditioning_probs=tuple(x[i : i + 1] for x in conditioning))
+            single = model.decode(canvas[i : i + 1], alone[r], self_conditioning=Probabilities(*(x[i : i + 1] for x in conditioning)))
             assert mx.abs(together[i] - single[0]).max().item() < 1e-4, (commit, r)
         if commit == 2:  # prompt 1 leaves the batch
             rows = [0, 2]

@@ -43,7 +43,7 @@ def logits(model) -> list:
     cache = model.make_cache()
     model.encode(prompt, cache)
     first = model.decode(canvas, cache)
-    return [np.array(first), np.array(model.decode(canvas, cache, self_conditioning_logits=first))]
+    return [np.array(first), np.array(model.decode(canvas, cache, self_conditioning=first))]
 
 
 def assert_same_model(a, b):

@@ -73,7 +73,7 @@ def _every_stage(reference, model):
     # 2. self-conditioned decode, both fed the same logits (teacher-forced)
     sc = ref_logits
     ref_sc = ref.decode(canvas, self_conditioning_logits=sc)
-    _close(ref_sc, model.decode(canvas, cache, self_conditioning_logits=mx.array(sc)), "self-conditioned decode")
+    _close(ref_sc, model.decode(canvas, cache, self_conditioning=mx.array(sc)), "self-conditioned decode")
 
     # 3. commit the canvas, then decode the next one
     ref.encode(canvas)

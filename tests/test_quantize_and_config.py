@@ -25,7 +25,7 @@ def _logits(model, prompt, canvas):
     cache = model.make_cache()
     model.encode(prompt, cache)
     first = model.decode(canvas, cache)
-    return np.array(first), np.array(model.decode(canvas, cache, self_conditioning_logits=first))
+    return np.array(first), np.array(model.decode(canvas, cache, self_conditioning=first))
 
 
 @pytest.mark.parametrize("bits,mode", [(4, "affine"), (8, "affine"), (4, "mxfp4"), (4, "nvfp4")])

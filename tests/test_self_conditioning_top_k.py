@@ -11,9 +11,9 @@ import pytest
 
 from mlx_diffusiongemma import Randomness, diffusion_generate, load, load_model
 from mlx_diffusiongemma import cli
-from mlx_diffusiongemma.generate import DiffusionOptions, _self_conditioning
-from mlx_diffusiongemma.model import soft_embed_top_k
-from mlx_diffusiongemma.sampling import predict, top_k_indices
+from mlx_diffusiongemma.generate import DiffusionOptions
+from mlx_diffusiongemma.model import Probabilities, TopK, soft_embed_top_k
+from mlx_diffusiongemma.sampling import next_self_conditioning, predict, top_k_indices
 
 
 def _prediction(shape, seed=0, scale=3.0):
@@ -49,7 +49,9 @@ def test_top_k_soft_embedding_matches_numpy(quantized):
         )
         assert not np.allclose(table, original, atol=1e-4)
     prediction = _prediction((1, 6, V))
-    ids, probs = _self_conditioning(prediction, mx.float32, k)["self_conditioning_top_k"]
+    sparse = next_self_conditioning(prediction, mx.float32, k)
+    assert isinstance(sparse, TopK)
+    ids, probs = sparse
     assert ids.shape == probs.shape == (1, 6, k)
     soft = np.array(soft_embed_top_k(embedding, ids, probs))
     expected = _numpy_top_k_soft(prediction.weights, prediction.total, table, k)
@@ -72,19 +74,21 @@ def test_decode_drops_only_the_tail(small_model):
     model.encode([2, 5, 9, 11], cache)
     canvas = mx.array(np.random.default_rng(1).integers(3, V, (1, C)), dtype=mx.int32)
     prediction = _prediction((1, C, V), seed=2, scale=1.0)
-    exact = model.decode(canvas, cache, self_conditioning_probs=(prediction.weights, prediction.total))
+    exact = model.decode(canvas, cache, self_conditioning=Probabilities(prediction.weights, prediction.total))
 
-    ids, probs = _self_conditioning(prediction, model.dtype, 16)["self_conditioning_top_k"]
+    sparse = next_self_conditioning(prediction, model.dtype, 16)
+    assert isinstance(sparse, TopK)
+    ids, probs = sparse
     head = mx.take_along_axis(prediction.weights, ids, axis=-1)
     kept = mx.put_along_axis(mx.zeros_like(prediction.weights), ids, head, axis=-1)
-    tail_dropped = model.decode(canvas, cache, self_conditioning_probs=(kept, prediction.total))
-    top_k = model.decode(canvas, cache, self_conditioning_top_k=(ids, probs))
+    tail_dropped = model.decode(canvas, cache, self_conditioning=Probabilities(kept, prediction.total))
+    top_k = model.decode(canvas, cache, self_conditioning=TopK(ids, probs))
     np.testing.assert_allclose(np.array(top_k), np.array(tail_dropped), atol=1e-4)
     assert np.abs(np.array(top_k) - np.array(exact)).max() > 1e-3  # the tail mattered here
 
     everything = mx.broadcast_to(mx.arange(V), (1, C, V))
     probs = prediction.weights / prediction.total
-    all_kept = model.decode(canvas, cache, self_conditioning_top_k=(everything, probs))
+    all_kept = model.decode(canvas, cache, self_conditioning=TopK(everything, probs))
     np.testing.assert_allclose(np.array(all_kept), np.array(exact), atol=1e-4)
 
 
@@ -94,7 +98,7 @@ def test_k_at_least_vocabulary_generates_as_exact(chat_checkpoint, monkeypatch):
     inputs = []
     decode = model.decode
     def recorded(*a, **kw):
-        inputs.append(sorted(k for k in kw if k.startswith("self_conditioning")))
+        inputs.append(type(kw.get("self_conditioning")))  # the kind of input: none, Probabilities, TopK, logits
         return decode(*a, **kw)
 
     monkeypatch.setattr(model, "decode", recorded)
@@ -109,8 +113,8 @@ def test_k_at_least_vocabulary_generates_as_exact(chat_checkpoint, monkeypatch):
     for k in (V, V + 1000):
         assert run(self_conditioning="top-k", self_conditioning_k=k) == (exact, exact_inputs)
     tokens, sparse_inputs = run(self_conditioning="top-k", self_conditioning_k=5)
-    assert exact_inputs[1] == ["self_conditioning_probs"] and sparse_inputs[1] == ["self_conditioning_top_k"]
-    assert sparse_inputs[0] == [] and len(tokens) == len(exact) == 24
+    assert exact_inputs[1] is Probabilities and sparse_inputs[1] is TopK
+    assert sparse_inputs[0] is type(None) and len(tokens) == len(exact) == 24
 
 
 def test_options_default_to_exact():

@@ -41,7 +41,7 @@ def stages(model, teacher=None) -> dict:
     model.encode(prompt[9:], cache, chunk_size=5)  # chunks, and a final chunk of two tokens
     out["decode"] = model.decode(canvas, cache)
     conditioning = out["decode"] if teacher is None else mx.array(teacher["decode"])
-    out["self-conditioned"] = model.decode(canvas, cache, self_conditioning_logits=conditioning)
+    out["self-conditioned"] = model.decode(canvas, cache, self_conditioning=conditioning)
     model.encode(canvas, cache)
     out["after commit"] = model.decode(following, cache)
     return {k: np.array(v) for k, v in out.items()}

@@ -12,6 +12,8 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+from mlx_diffusiongemma.model import Probabilities
+
 
 @dataclass
 class Recording:
@@ -136,18 +138,20 @@ class ReplayedDecoder:
     def encode(self, ids, cache, **kwargs):
         self.model.encode(ids, cache, **kwargs)
 
-    def decode(self, canvas, cache, self_conditioning_logits=None, self_conditioning_probs=None, raw_logits=False):
+    def decode(self, canvas, cache, self_conditioning=None, raw_logits=False):
         """Records the self-conditioning input as ("logits", array) or
         ("probs", weights / total)."""
         assert not raw_logits, "replayed randomness takes the MLX path, which reads softcapped logits"
         i = len(self.canvases)
         assert i < len(self.recording.logits), "more decoder calls than the reference made"
         self.canvases.append(np.array(canvas))
-        if self_conditioning_logits is not None:
-            self.self_conditioning.append(("logits", np.array(self_conditioning_logits)))
-        elif self_conditioning_probs is not None:
-            weights, total = self_conditioning_probs
+        if isinstance(self_conditioning, Probabilities):
+            weights, total = self_conditioning
             self.self_conditioning.append(("probs", np.array(weights / total)))
+        elif self_conditioning is not None:
+            kind = type(self_conditioning).__name__
+            assert isinstance(self_conditioning, mx.array), f"the reference passes logits, got {kind}"
+            self.self_conditioning.append(("logits", np.array(self_conditioning)))
         else:
             self.self_conditioning.append(None)
         return mx.array(self.recording.logits[i])
