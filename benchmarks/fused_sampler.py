@@ -10,7 +10,7 @@ CPU the kernel does not run (the tests run its Metal source by emulation).
 Check: sampling.fused_disagreements (argmax exactly, entropy, logsumexp and
 probabilities closely, each draw inside the MLX path's cumulative crossing)
 for every logits dtype x softcap x weights dtype on the guard's edge rows
-(sampling.check_input) at 4133 entries and on full-size rows, and the top 1
+(sampling.kernel_check_rows) at 4133 entries and on full-size rows, and the top 1
 and top 64 on full-size rows; a chi-square of 20000 draws per row against
 softmax(z) on a few rows of 64 tokens.
 
@@ -74,7 +74,7 @@ def check(report: dict) -> bool:
         for softcap in (None, CAP):
             for weights_dtype in (mx.float32, mx.bfloat16):
                 name = f"{dtype} logits, softcap {softcap}, {weights_dtype} weights"
-                small = sampling.fused_disagreements(*sampling.check_input(dtype, softcap, 4133), softcap, weights_dtype)
+                small = sampling.fused_disagreements(*sampling.kernel_check_rows(dtype, softcap, 4133), softcap, weights_dtype)
                 full = sampling.fused_disagreements(
                     realistic_logits(dtype, mx.random.key(7)), mx.array(0.6, mx.float32), mx.random.key(8), softcap, weights_dtype
                 )

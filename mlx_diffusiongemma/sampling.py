@@ -242,7 +242,7 @@ def fused_sampler_ready(
     signature = (backend, dtype, weights_dtype, softcap is not None, vocab_size, top_k)
     if signature not in _fused_checked:
         try:
-            problems = fused_disagreements(*check_input(dtype, softcap, vocab_size), softcap, weights_dtype, top_k)
+            problems = fused_disagreements(*kernel_check_rows(dtype, softcap, vocab_size), softcap, weights_dtype, top_k)
         except Exception as error:  # a compile error, a launch failure
             problems = [f"{type(error).__name__}: {error}"]
         if problems:
@@ -256,7 +256,7 @@ def fused_sampler_ready(
     return _fused_checked[signature]
 
 
-def check_input(dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> tuple:
+def kernel_check_rows(dtype: mx.Dtype, softcap: Optional[float], vocab_size: int) -> tuple:
     """(logits [8, vocab_size], temperature, key) with the rows a kernel gets
     wrong first: random, with -inf entries, one-hot, flat (every index ties:
     the argmax is the first), a maximum far below the bound (cap /

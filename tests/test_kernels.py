@@ -47,7 +47,7 @@ def emulated(monkeypatch):
 def test_matches_mlx_path_on_edge_rows(emulated, dtype, softcap, weights_dtype):
     """The guard's rows (-inf entries, one-hot and flat rows, a maximum far
     from the bound) at 4133 entries: four SIMD groups, the last short."""
-    logits, temperature, key = sampling.check_input(dtype, softcap, 4133)
+    logits, temperature, key = sampling.kernel_check_rows(dtype, softcap, 4133)
     assert sampling.fused_disagreements(logits, temperature, key, softcap, weights_dtype) == []
 
 
@@ -65,7 +65,7 @@ def test_top_k(emulated, V, k):
     any k distinct ids; fewer than k finite entries: the rest at probability 0)."""
     logits = mx.random.normal((4, V), key=mx.random.key(V)) * 3.0
     assert sampling.fused_disagreements(logits, T, mx.random.key(2), 30.0, None, k) == []
-    assert sampling.fused_disagreements(*sampling.check_input(mx.bfloat16, None, V), None, mx.bfloat16, k) == []
+    assert sampling.fused_disagreements(*sampling.kernel_check_rows(mx.bfloat16, None, V), None, mx.bfloat16, k) == []
     with pytest.raises(ValueError, match="top_k must be in"):
         kernels.row_sample(logits, T, mx.random.key(2), top_k=min(V, 64) + 1)
 
