@@ -9,8 +9,8 @@ import re
 import sys
 
 from .arguments import ArgumentParser, checked
-from .cli import parse_args
-from .cli import main as generate
+from .generate.command import main as generate
+from .generate.command import parse_args
 from .demo import MAX_DIGITS, MIN_DIGITS, problem
 
 

@@ -12,7 +12,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_diffusiongemma import diffusion_generate, load
-from mlx_diffusiongemma.cli import _LiveCanvas, main
+from mlx_diffusiongemma.generate.command import _LiveCanvas, main
 from mlx_diffusiongemma.generate import Commit, Draft
 
 ROOT = Path(__file__).resolve().parents[1]

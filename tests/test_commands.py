@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-LOOP = {"mlx_diffusiongemma.generate", "mlx_diffusiongemma.sampling", "mlx_diffusiongemma.kernels", "mlx_diffusiongemma.cli"}
+LOOP = {"mlx_diffusiongemma.generate", "mlx_diffusiongemma.sampling", "mlx_diffusiongemma.kernels", "mlx_diffusiongemma.generate.command"}
 
 
 def _imported(module: str) -> set:

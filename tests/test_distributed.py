@@ -29,7 +29,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.switch_layers import SwitchLinear
 
 from mlx_diffusiongemma import Model, ModelArgs, load, load_model, quantize, save_model
-from mlx_diffusiongemma.cli import main as cli_main
+from mlx_diffusiongemma.generate.command import main as cli_main
 from mlx_diffusiongemma.tp import keep_inputs, keep_outputs
 
 from helpers.reference import build_reference, save_reference

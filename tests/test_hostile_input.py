@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_diffusiongemma.cli import parse_args
+from mlx_diffusiongemma.generate.command import parse_args
 from mlx_diffusiongemma.generate import DiffusionOptions, DiffusionResponse, diffusion_generate
 from mlx_diffusiongemma.load import load
 

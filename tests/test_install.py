@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {
-    "mlx_diffusiongemma.generate": "mlx_diffusiongemma.cli:main",
+    "mlx_diffusiongemma.generate": "mlx_diffusiongemma.generate.command:main",
     "mlx_diffusiongemma.convert": "mlx_diffusiongemma.convert:main",
     "mlx_diffusiongemma.train": "mlx_diffusiongemma.train:main",
     "mlx_diffusiongemma.demo": "mlx_diffusiongemma.demo:main",

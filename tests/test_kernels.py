@@ -320,7 +320,7 @@ def test_wheel_ships_the_kernel_sources(tmp_path):
 
 
 def test_no_fused_sampling_flag():
-    from mlx_diffusiongemma.cli import parse_args
+    from mlx_diffusiongemma.generate.command import parse_args
 
     _, args = parse_args(["--model", "m", "--prompt", "p", "--no-fused-sampling"])
     assert args.fused_sampling is False

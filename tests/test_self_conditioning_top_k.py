@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_diffusiongemma import Randomness, diffusion_generate, load, load_model
-from mlx_diffusiongemma import cli
+from mlx_diffusiongemma.generate import command as cli
 from mlx_diffusiongemma.generate import DiffusionOptions
 from mlx_diffusiongemma.model import Probabilities, TopK, soft_embed_top_k
 from mlx_diffusiongemma.sampling import next_self_conditioning, predict, top_k_indices

@@ -1,7 +1,7 @@
 """Block-diffusion generation, transformers' `DiffusionGemmaGenerationMixin.generate`
 step for step and draw for draw: the options (options.py), the events it
 streams (events.py) and the loop (loop.py). `python -m mlx_diffusiongemma.generate`
-runs the command (cli.py, through __main__.py, which this never imports)."""
+runs the command (command.py, through __main__.py; this imports neither)."""
 
 from .events import Commit, DiffusionResponse, Draft
 from .loop import denoise_canvas, diffusion_generate, filter_rows, prefill, stream_diffusion_generate

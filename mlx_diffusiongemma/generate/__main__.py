@@ -1,10 +1,10 @@
-"""`python -m mlx_diffusiongemma.generate`: the command, in cli.py beside the
-package's other command pieces. runpy imports the generate package first,
-which imports neither this module nor the CLI: no import circle."""
+"""`python -m mlx_diffusiongemma.generate`: the command (command.py). runpy
+imports the generate package first, which imports neither this module nor
+the command."""
 
 import sys
 
-from ..cli import main
+from .command import main
 
 if __name__ == "__main__":
     sys.exit(main())

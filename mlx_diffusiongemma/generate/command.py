@@ -1,5 +1,6 @@
-"""The generate command, `python -m mlx_diffusiongemma.generate`: argument
-parsing, the live terminal canvas and the statistics line."""
+"""The generate command, `mlx_diffusiongemma.generate` (also `python -m
+mlx_diffusiongemma.generate`, through __main__.py): argument parsing, the
+live terminal canvas and the statistics line."""
 
 import argparse
 import dataclasses
@@ -9,13 +10,13 @@ import sys
 
 import mlx.core as mx
 
-from .arguments import ArgumentParser, checked, str2bool
-from .generate import (
-    ACCEPTANCE, SELF_CONDITIONING, Commit, DiffusionOptions, DiffusionResponse, stream_diffusion_generate,
-)
-from .chat import check_text, longest_text
-from .load import load
-from .sampling import check_seed
+from ..arguments import ArgumentParser, checked, str2bool
+from ..chat import check_text, longest_text
+from ..load import load
+from ..sampling import check_seed
+from .events import Commit, DiffusionResponse
+from .loop import stream_diffusion_generate
+from .options import ACCEPTANCE, SELF_CONDITIONING, DiffusionOptions
 
 PROG = "python -m mlx_diffusiongemma.generate"
 
