@@ -36,7 +36,6 @@ Pillow is the `vision` extra: pip install 'mlx-diffusiongemma[vision]'.
 import math
 import os
 from pathlib import Path
-from typing import List, Tuple
 
 import numpy as np
 
@@ -130,22 +129,22 @@ def load_image(source):
 
 def target_size(
     height: int, width: int, patch_size: int, max_patches: int, pooling_kernel_size: int
-) -> Tuple[int, int]:
+) -> tuple[int, int]:
     """The reference's `get_aspect_ratio_preserving_size`: (height, width)."""
     target_px = max_patches * patch_size**2
     factor = math.sqrt(target_px / (height * width))
     side = pooling_kernel_size * patch_size
-    target_height = math.floor((factor * height / side)) * side
-    target_width = math.floor((factor * width / side)) * side
+    target_height = math.floor(factor * height / side) * side
+    target_width = math.floor(factor * width / side) * side
     if target_height == 0 and target_width == 0:
         raise ValueError(f"cannot resize a {height}x{width} image to at least {side}x{side}")
     max_side = (max_patches // pooling_kernel_size**2) * side
     if target_height == 0:
         target_height = side
-        target_width = min(math.floor((width / height)) * side, max_side)
+        target_width = min(math.floor(width / height) * side, max_side)
     elif target_width == 0:
         target_width = side
-        target_height = min(math.floor((height / width)) * side, max_side)
+        target_height = min(math.floor(height / width) * side, max_side)
     return target_height, target_width
 
 
@@ -156,7 +155,7 @@ def _positive_int(name, value):
 
 def preprocess(
     images, max_soft_tokens: int = 280, patch_size: int = 16, pooling_kernel_size: int = 3
-) -> Tuple[np.ndarray, np.ndarray, List[int]]:
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Images (one source or a list of them, each as `load_image` takes) to
     the vision tower's inputs: pixel_values float32 [n, max_patches,
     3 * patch_size**2], position_ids int32 [n, max_patches, 2] and each

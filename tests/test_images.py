@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-
-PIL = pytest.importorskip("PIL")
 from PIL import Image
-from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+from transformers.models.gemma4.image_processing_pil_gemma4 import (
+    Gemma4ImageProcessorPil,
+)
 
 from mlx_diffusiongemma.images import SUPPORTED_SOFT_TOKENS, load_image, preprocess
 
@@ -89,7 +89,7 @@ def test_pil_modes(mode):
     elif mode == "LA":
         image = Image.fromarray(rgba(50, 83)).convert("LA")
     elif mode == "I;16":
-        image = Image.fromarray((smooth(50, 83)[..., 0].astype(np.uint16) * 257))
+        image = Image.fromarray(smooth(50, 83)[..., 0].astype(np.uint16) * 257)
         assert image.mode.startswith("I;16")
     else:
         image = base.convert(mode)
