@@ -28,9 +28,7 @@ def render_prompt(
             check_text(text, what)
     if context is not None:
         check_length(tokenizer, prompt + (system_prompt or ""), "prompt", context)
-    for text in (prompt, system_prompt):
-        if text:
-            _refuse_unknown(tokenizer, text)
+    texts = [text for text in (prompt, system_prompt) if text]
     if use_chat_template and tokenizer.chat_template is not None:
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         messages.append({"role": "user", "content": prompt})
@@ -39,10 +37,18 @@ def render_prompt(
                 messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
             )
         except jinja2.TemplateError as e:  # the template refuses the messages (raise_exception)
+            for text in texts:  # unknown characters, when they are why, named as everywhere
+                _refuse_unknown(tokenizer, text)
             raise ValueError(f"the chat template refuses the prompt: {e}") from None
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         ids = tokenizer.encode(prompt)
+    # the prompt is in `ids`: tokenized again, alone, only when they hold the
+    # unknown token; a (short) system prompt may not be rendered at all
+    if getattr(tokenizer, "unk_token_id", None) in ids:
+        _refuse_unknown(tokenizer, prompt)
+    if system_prompt:
+        _refuse_unknown(tokenizer, system_prompt)
     return ids
 
 

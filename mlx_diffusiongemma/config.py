@@ -39,7 +39,7 @@ _DEFAULT_ROPE = {
 
 # mlx holds each dimension of an array as a 32-bit int: a larger size is an
 # OverflowError (or, multiplied out, a MemoryError) from deep inside mlx.
-_DIMENSION_LIMIT = 2**31
+DIMENSION_LIMIT = 2**31
 MAX_LAYERS = 4096  # the released model has 30
 
 
@@ -80,7 +80,7 @@ def token_ids(value) -> list:
 
 
 def _check_int(name: str, value) -> None:
-    check_range(name, value, 1, _DIMENSION_LIMIT, integer=True, expected="an integer >= 1",
+    check_range(name, value, 1, DIMENSION_LIMIT, integer=True, expected="an integer >= 1",
                 beyond="below 2**31 (mlx's largest dimension)")
 
 
@@ -185,7 +185,7 @@ class ModelArgs(BaseModelArgs):
             )
         self.check_token_ids("eos_token_id", self.eos_token_id)
         self._check_widths()
-        if self.num_attention_heads * self.canvas_length**2 >= _DIMENSION_LIMIT:
+        if self.num_attention_heads * self.canvas_length**2 >= DIMENSION_LIMIT:
             raise ValueError(
                 f"canvas_length {self.canvas_length} is too long to denoise: one canvas's attention scores "
                 f"(num_attention_heads x canvas_length**2) must stay below 2**31"
@@ -210,7 +210,7 @@ class ModelArgs(BaseModelArgs):
 
     def _check_widths(self) -> None:
         """The projections' widths are products of fields: each must fit an mlx
-        dimension too (see `_DIMENSION_LIMIT`)."""
+        dimension too (see `DIMENSION_LIMIT`)."""
         widths = {"2 * moe_intermediate_size": 2 * self.moe_intermediate_size}
         shapes = {"": (self.head_dim, self.num_key_value_heads)}
         shapes.update((f" of layer {i}", self.attention_shape(i)) for i in self.per_layer_config)
@@ -218,7 +218,7 @@ class ModelArgs(BaseModelArgs):
             widths[f"num_attention_heads * head_dim{where}"] = self.num_attention_heads * head_dim
             widths[f"num_key_value_heads * head_dim{where}"] = kv_heads * head_dim
         for name, width in widths.items():
-            if width >= _DIMENSION_LIMIT:
+            if width >= DIMENSION_LIMIT:
                 raise ValueError(f"{name} must be below 2**31 (mlx's largest dimension), got {width}")
 
     def check_token_ids(self, name: str, value) -> list:

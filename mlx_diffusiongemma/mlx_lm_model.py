@@ -278,7 +278,8 @@ class Model(DiffusionGemma):
         # a canvas starts after the tokens held (or, holding none, after the token fed)
         fits = [self._room_for_canvas(s + len(t) if t else o) for t, s, o in zip(tokens, starts, offsets)]
         ended = [r for r, n in enumerate(to_hand_out) if n == 0 and not fits[r]]
-        if any(fed[r][-1] not in self._eos_ids() for r in ended):  # once: mlx-lm may feed the eos back
+        eos_ids = self._eos_ids() if ended else []
+        if any(fed[r][-1] not in eos_ids for r in ended):  # once: mlx-lm may feed the eos back
             self._warn_context_full(offsets, ended)
         if any(n == 0 and fits[r] for r, n in enumerate(to_hand_out)):  # then also the rows that will need one within a canvas, ahead of time
             C = self.args.canvas_length
@@ -287,7 +288,7 @@ class Model(DiffusionGemma):
                 if fits[r] and (n == 0 or (n <= C and not self._stops(tokens[r][-n:])))
             ]
             tokens, starts = self._next_canvases(rows, layers, pending, canvas, tokens, starts, offsets)
-        eos = (self._eos_ids() or [self.args.pad_token_id])[0]  # no eos id known: pads, until max_tokens
+        eos = (eos_ids or [self.args.pad_token_id])[0]  # no eos id known: pads, until max_tokens
         token = mx.array([eos if r in ended else tokens[r][offsets[r] - starts[r]] for r in range(B)])[:, None, None]
         zero, never = mx.array(0.0, self.dtype), mx.array(-mx.inf, self.dtype)  # in the model's dtype: one V-sized pass
         return mx.where(mx.arange(self.args.vocab_size) == token, zero, never)

@@ -24,11 +24,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .config import check_range
+from .config import DIMENSION_LIMIT, check_range
 
 CHECKPOINT_PREFIX = "model.encoder."
 _ROOTS = ("vision_tower.", "embed_vision.")
-_DIMENSION_LIMIT = 2**31
 
 
 @dataclass
@@ -67,8 +66,8 @@ class VisionConfig:
             "position_embedding_size",
         ):
             check_range(
-                f"vision_config.{name}", getattr(self, name), 1, _DIMENSION_LIMIT,
-                integer=True, expected="a positive integer", beyond=f"below {_DIMENSION_LIMIT}",
+                f"vision_config.{name}", getattr(self, name), 1, DIMENSION_LIMIT,
+                integer=True, expected="a positive integer", beyond=f"below {DIMENSION_LIMIT}",
             )
         check_range("vision_config.rms_norm_eps", self.rms_norm_eps, 0, 1, low_inclusive=False, expected="a number in (0, 1)")
         check_range("vision_config.rope_parameters.rope_theta", self.rope_theta, 0, low_inclusive=False, expected="a positive number")
