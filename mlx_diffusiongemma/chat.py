@@ -17,10 +17,14 @@ def render_prompt(
     enable_thinking: bool = False,
     use_chat_template: bool = True,
     context: Optional[int] = None,
+    image_tokens=None,
 ) -> list:
     """Token ids of a user message, rendered with the chat template when the
     tokenizer has one and `use_chat_template` is set, else encoded raw. A
-    text that cannot fit `context` tokens is refused before it is tokenized."""
+    text that cannot fit `context` tokens is refused before it is tokenized.
+    With `image_tokens` (an `ImageTokens`) the message's images come before
+    its text, as mlx-vlm places them, each expanded to its soft tokens; a raw
+    prompt marks where they go with the image token itself."""
     if tokenizer is None:
         raise ValueError("a text prompt needs a tokenizer; pass token ids to generate without one")
     for what, text in (("prompt", prompt), ("system prompt", system_prompt)):
@@ -31,18 +35,21 @@ def render_prompt(
     texts = [text for text in (prompt, system_prompt) if text]
     if use_chat_template and tokenizer.chat_template is not None:
         messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-        messages.append({"role": "user", "content": prompt})
+        content = prompt
+        if image_tokens is not None:
+            content = [{"type": "image"}] * len(image_tokens.counts) + [{"type": "text", "text": prompt}]
+        messages.append({"role": "user", "content": content})
         try:
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
-            )
-        except jinja2.TemplateError as e:  # the template refuses the messages (raise_exception)
+            text = render_conversation(tokenizer, messages, enable_thinking)
+        except ValueError:
             for text in texts:  # unknown characters, when they are why, named as everywhere
                 _refuse_unknown(tokenizer, text)
-            raise ValueError(f"the chat template refuses the prompt: {e}") from None
+            raise
+        if image_tokens is not None:
+            text = image_tokens.expand(text)
         ids = tokenizer.encode(text, add_special_tokens=False)
     else:
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt if image_tokens is None else image_tokens.expand(prompt))
     # the prompt is in `ids`: tokenized again, alone, only when they hold the
     # unknown token; a (short) system prompt may not be rendered at all
     if getattr(tokenizer, "unk_token_id", None) in ids:
@@ -50,6 +57,49 @@ def render_prompt(
     if system_prompt:
         _refuse_unknown(tokenizer, system_prompt)
     return ids
+
+
+def render_conversation(tokenizer, messages: list, enable_thinking: bool = False) -> str:
+    """Chat messages rendered by the checkpoint's template, ready for the
+    model's turn (image items as the template writes them: the image token)."""
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise ValueError("chat messages need a tokenizer with a chat template")
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
+    except jinja2.TemplateError as e:  # the template refuses the messages (raise_exception)
+        raise ValueError(f"the chat template refuses the prompt: {e}") from None
+
+
+class ImageTokens:
+    """A prompt's image placeholders, expanded as Gemma 4's processor does:
+    each image token in the rendered text becomes boi + n soft tokens + eoi,
+    n the image's soft-token count. The tokens' text comes from the
+    tokenizer, their ids from the checkpoint's config."""
+
+    def __init__(self, tokenizer, args, counts: list):
+        self.counts = list(counts)
+        names = {}
+        for field in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            token_id = getattr(args, field)
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            if not isinstance(token, str) or tokenizer.convert_tokens_to_ids(token) != token_id:
+                raise ValueError(f"the tokenizer has no token for {field} {token_id} (config.json)")
+            names[field] = token
+        self.placeholder, self.boi, self.eoi = names["image_token_id"], names["boi_token_id"], names["eoi_token_id"]
+
+    def expand(self, text: str) -> str:
+        parts = text.split(self.placeholder)
+        if len(parts) - 1 != len(self.counts):
+            raise ValueError(
+                f"the prompt has {len(parts) - 1} image placeholder(s) ({self.placeholder}) "
+                f"but {len(self.counts)} image(s) were given"
+            )
+        pieces = [parts[0]]
+        for count, part in zip(self.counts, parts[1:]):
+            pieces += [self.boi + self.placeholder * count + self.eoi, part]
+        return "".join(pieces)
 
 
 def check_text(text, what: str) -> None:

@@ -39,6 +39,7 @@ _DEFAULT_ROPE = {
 
 # mlx holds each dimension of an array as a 32-bit int: a larger size is an
 # OverflowError (or, multiplied out, a MemoryError) from deep inside mlx.
+IMAGE_TOKEN_FIELDS = ("image_token_id", "boi_token_id", "eoi_token_id")
 DIMENSION_LIMIT = 2**31
 MAX_LAYERS = 4096  # the released model has 30
 
@@ -117,6 +118,12 @@ class ModelArgs(BaseModelArgs):
     pad_token_id: int = 0
     bos_token_id: int = 2
     eos_token_id: Any = 1
+    # Gemma 4's image tokens (top-level in config.json; the reference's defaults):
+    # a prompt's image is boi, its soft tokens, eoi; checked against the
+    # vocabulary where a model takes images (`load_model`).
+    image_token_id: int = 258_880
+    boi_token_id: int = 255_999
+    eoi_token_id: int = 258_882
 
     def __post_init__(self):
         # Checked here so a bad config is one ValueError naming the field, not a
@@ -258,6 +265,7 @@ class ModelArgs(BaseModelArgs):
         fields = {k: v for k, v in text.items() if k in cls.__dataclass_fields__}
         fields["model_type"] = params.get("model_type", MODEL_TYPE)
         fields["canvas_length"] = params["canvas_length"]
+        fields.update((name, params[name]) for name in IMAGE_TOKEN_FIELDS if params.get(name) is not None)
         if text.get("use_bidirectional_attention") == "all":
             # The reference stores the window for an exclusive-bounds kernel.
             window = text.get("sliding_window", 512)

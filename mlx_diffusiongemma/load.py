@@ -21,8 +21,10 @@ from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import infer_quant_config, load_tokenizer, save_config
 from mlx_lm.utils import save_model as save_weights
 
-from .config import MODEL_TYPE, GenerationConfig, ModelArgs
-from .model import Model
+from .config import IMAGE_TOKEN_FIELDS, MODEL_TYPE, GenerationConfig, ModelArgs
+from .model import VISION_PREFIXES, Model
+from .images import SUPPORTED_SOFT_TOKENS
+from .vision import VisionConfig, VisionModel, load_vision_weights, sanitize_vision
 from .staging import claimed, staged
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
@@ -251,7 +253,10 @@ def load_model(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'}: {e}") from None
     generation_config = load_generation_config(path, args)  # checked before any weight is read
-    weights = model.sanitize(load_safetensors(path))
+    checkpoint = load_safetensors(path)
+    weights = model.sanitize(checkpoint)
+    vision = load_vision(path, config, checkpoint, args, dtype)
+    del checkpoint
     quantization = quantization_of(config)
     if quantization is not None:
         check_quantization(quantization, path / "config.json", model)
@@ -272,8 +277,60 @@ def load_model(
     _cast_for_cpu_experts(model)
     model.generation_config = GenerationConfig(generation_config)
     mx.eval(model.parameters())
+    if vision is not None:
+        # after the eval: the tower's tensors stay lazy, read from the file at
+        # the first image, so a model used for text never holds them
+        model.attach_vision(vision)
+    model.max_soft_tokens = image_token_budget(path)
     model.eval()
     return model
+
+
+def load_vision(path: Path, config: dict, checkpoint: dict, args: ModelArgs, dtype=None) -> Optional[VisionModel]:
+    """The vision tower and embedder with the checkpoint's weights (lazy, not
+    read yet), or None for a checkpoint without vision weights (text only).
+    Strict as the text model: a missing, extra or misshaped tensor, a bad
+    `vision_config` or image token ids outside the vocabulary is one error
+    naming the file."""
+    weights = sanitize_vision(checkpoint)
+    if not weights:
+        return None
+    try:
+        vision = VisionModel(VisionConfig.from_checkpoint_config(config))
+        for name in IMAGE_TOKEN_FIELDS:
+            args.check_token_ids(name, getattr(args, name))
+    except ValueError as e:
+        raise ValueError(f"{path / 'config.json'}: {e}") from None
+    if dtype is not None:
+        weights = {k: v.astype(_as_dtype(dtype)) for k, v in weights.items()}
+    try:
+        load_vision_weights(vision, weights)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    vision.eval()
+    return vision
+
+
+def image_token_budget(path: Path) -> Optional[int]:
+    """The checkpoint's processor's `max_soft_tokens` (processor_config.json's
+    image processor, or preprocessor_config.json), or None: the reference's
+    default then applies."""
+    for name, section in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        file = path / name
+        if not file.is_file():
+            continue
+        settings = _read_json(file)
+        if section is not None:
+            settings = settings.get(section)
+        if isinstance(settings, dict) and settings.get("max_soft_tokens") is not None:
+            value = settings["max_soft_tokens"]
+            if isinstance(value, bool) or value not in SUPPORTED_SOFT_TOKENS:
+                raise ValueError(
+                    f"{file}: max_soft_tokens must be one of {', '.join(map(str, SUPPORTED_SOFT_TOKENS))}, "
+                    f"got {_SHOWN.repr(value)}"
+                )
+            return value
+    return None
 
 
 def load_generation_config(path: Path, args: ModelArgs) -> dict:
@@ -328,8 +385,8 @@ def mlx_community_recipe(path: str, module: nn.Module):
     group 64), True gives it the chosen one (experts, self-conditioning), False
     leaves it unquantized. mlx-lm writes a config entry for each dict and none
     for True; `quantization_plan` writes the same."""
-    if not hasattr(module, "to_quantized"):
-        return False
+    if not hasattr(module, "to_quantized") or path.startswith(tuple(p.rstrip(".") for p in VISION_PREFIXES)):
+        return False  # the vision tower stays as the checkpoint has it (4304 is not a multiple of 64)
     if path.endswith(_EIGHT_BIT_SUFFIXES) or any(part in path for part in _EIGHT_BIT_PARTS):
         return {"group_size": 64, "bits": 8}
     return ".experts." in path or ".self_conditioning." in path

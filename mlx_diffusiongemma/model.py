@@ -25,8 +25,74 @@ from .cache_views import Lookahead, after_context
 from .config import GenerationConfig, ModelArgs
 from .tp import shard
 
-# The vision tower's weights: a text-only port drops them (mlx-vlm reads them).
+# The vision tower's weights: `sanitize` (the text model's, which mlx-lm's
+# loaders use too) leaves them out; `load_model` gives them to the tower.
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+
+
+class Images(NamedTuple):
+    """A batch's images as the encoder takes them: every image's soft tokens
+    in order, and for each position of the batch's tokens [B, L] the feature
+    row it takes and its image block (-1 for both at a text token). Rows and
+    blocks are numpy arrays: chunk bounds and masks are decided on the host."""
+
+    features: mx.array  # [N, hidden]
+    rows: np.ndarray  # [B, L] int
+    blocks: np.ndarray  # [B, L] int
+
+    def span(self, start: int, end: int) -> Optional["Images"]:
+        """Positions start..end-1, or None when they hold no image token."""
+        rows = self.rows[:, start:end]
+        if not (rows >= 0).any():
+            return None
+        return Images(self.features, rows, self.blocks[:, start:end])
+
+    @classmethod
+    def place(cls, ids: np.ndarray, features: list, image_token_id: int) -> "Images":
+        """The images of a batch's ids [B, L] (padding included): row r's
+        soft tokens take `features[r]` ([n_r, hidden], or None) in order; a
+        block is a run of consecutive image tokens, as the reference builds
+        it (`get_block_sequence_ids_for_mask`) from the image token's id."""
+        is_image = ids == image_token_id
+        rows = np.full(ids.shape, -1, np.int64)
+        rows[is_image] = np.arange(int(is_image.sum()))  # row-major: row by row, in order
+        starts = is_image & ~np.pad(is_image, ((0, 0), (1, 0)))[:, :-1]
+        blocks = np.where(is_image, np.cumsum(starts, axis=1) - 1, -1)
+        return cls(mx.concatenate([f for f in features if f is not None]), rows, blocks)
+
+    def inside(self, position: int) -> bool:
+        """Whether a cut before `position` would split an image block."""
+        here, before = self.blocks[:, position], self.blocks[:, position - 1]
+        return bool(((here >= 0) & (here == before)).any())
+
+
+def chunk_bounds(length: int, chunk_size: int, images: Optional[Images] = None, shortest: int = 1) -> list:
+    """(start, end) of the chunks `length` tokens are encoded in: `chunk_size`
+    each, but never a cut inside an image block (its tokens attend to each
+    other both ways, so the block must be in one pass) and no chunk shorter
+    than `shortest` unless the input is. A cut that would split a block moves
+    back to the block's start, or past its end when that leaves too short a
+    chunk."""
+    bounds, start = [], 0
+    while start < length:
+        end = min(start + chunk_size, length)
+        if 0 < length - end < shortest:
+            end = length - shortest if end - start > shortest else length
+        if images is not None and end < length and images.inside(end):
+            back = end
+            while back > start and images.inside(back):
+                back -= 1
+            if back - start >= shortest:
+                end = back
+            else:
+                while end < length and images.inside(end):
+                    end += 1
+                if 0 < length - end < shortest:
+                    end = length
+        bounds.append((start, end))
+        start = end
+    return bounds
+
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
@@ -304,6 +370,32 @@ def _conditioning_slots(value: SelfConditioningInput) -> tuple:
     )
 
 
+def _place_images(h: mx.array, images: Images) -> mx.array:
+    """The soft tokens' embeddings replaced by their image features. Text
+    embeddings were scaled by sqrt(hidden); the features are not (the
+    reference scales in the embedding, then scatters the features)."""
+    rows = mx.array(images.rows.astype(np.int32))
+    features = images.features.astype(h.dtype)[mx.maximum(rows, 0)]
+    return mx.where((rows >= 0)[..., None], features, h)
+
+
+def _same_block(blocks: np.ndarray) -> mx.array:
+    """[B, 1, L, L]: whether query and key are tokens of the same image."""
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    return mx.array(same[:, None])
+
+
+def _open_blocks(mask: mx.array, same: mx.array) -> mx.array:
+    """A chunk's causal (or sliding) mask [..., L, K] with each image block
+    open both ways: use_bidirectional_attention "vision" ORs the block into
+    every layer's mask, unclipped by the window (transformers 5.25's
+    `blockwise_overlay`). The chunk's own keys are the last L."""
+    B, _, L, _ = same.shape
+    K = mask.shape[-1]
+    mask = mx.broadcast_to(mask, (B, 1, L, K))
+    return mx.concatenate([mask[..., : K - L], mask[..., K - L :] | same], axis=-1)
+
+
 def _token_batch(ids) -> mx.array:
     """Token ids (list, numpy or mx array; [L] or [B, L]) as an mx array [B, L]."""
     ids = ids if isinstance(ids, mx.array) else mx.array(np.asarray(ids))
@@ -355,6 +447,7 @@ class Model(nn.Module):
         self.model_type = args.model_type
         self.model = DiffusionGemmaModel(args)
         self.generation_config = GenerationConfig()  # set by `load_model`
+        self.max_soft_tokens = None  # the checkpoint's image processor setting, set by `load_model`
 
     @property
     def layers(self):
@@ -384,15 +477,17 @@ class Model(nn.Module):
         # The reference casts sqrt(hidden) to the weight dtype (53.07 -> 53.0 in bf16).
         return h * mx.array(math.sqrt(self.args.hidden_size), dtype=h.dtype)
 
-    def encode(self, token_ids, cache: list, chunk_size: int = 512) -> None:
-        """Append tokens (a prompt, or a committed canvas) to the cache.
+    def encode(self, token_ids, cache: list, chunk_size: int = 512, images: Optional[Images] = None) -> None:
+        """Append tokens (a prompt, or a committed canvas) to the cache, with
+        the prompt's `images` written at their soft tokens.
 
-        Long inputs run in chunks of `chunk_size`, evaluating the cache after
-        each, so memory stays bounded by the chunk, not the prompt.
+        Long inputs run in chunks of `chunk_size` (never splitting an image
+        block, see `chunk_bounds`), evaluating the cache after each, so memory
+        stays bounded by the chunk, not the prompt.
         """
         ids = _token_batch(token_ids)
-        for start in range(0, ids.shape[1], chunk_size):
-            self.encode_chunk(ids[:, start : start + chunk_size], cache)
+        for start, end in chunk_bounds(ids.shape[1], chunk_size, images):
+            self.encode_chunk(ids[:, start:end], cache, None if images is None else images.span(start, end))
             mx.eval([c.state for c in cache])
 
     def lookahead(self, token_ids, cache: list) -> list:
@@ -403,21 +498,59 @@ class Model(nn.Module):
         self.encode_chunk(_token_batch(token_ids), views)
         return [(view.keys, view.values) for view in views]
 
-    def encode_chunk(self, ids: mx.array, cache: list) -> mx.array:
+    def encode_chunk(self, ids: mx.array, cache: list, images: Optional[Images] = None) -> mx.array:
         """One encoder pass appending `ids` [B, L] to the cache, nothing
         evaluated (training differentiates through it); returns the last
-        hidden states, before the final norm."""
+        hidden states, before the final norm. `images` (whose blocks lie
+        wholly in this chunk) replace their soft tokens' embeddings."""
         h = self._embed(ids)
+        if images is not None:
+            h = _place_images(h, images)
         L = ids.shape[1]
         window = self.args.sliding_window
+        blocks = None
+        if images is not None and self.args.use_bidirectional_attention == "vision" and L > 1:
+            blocks = _same_block(images.blocks)
         scalars = self.model.encoder.language_model.layers
         for layer, scalar, c, kind in zip(self.layers, scalars, cache, self.args.layer_types):
             sliding = kind == "sliding_attention"
-            mask = c.make_mask(L, return_array=False, window_size=window if sliding else None)
+            mask = c.make_mask(L, return_array=blocks is not None, window_size=window if sliding else None)
+            if blocks is not None:
+                mask = _open_blocks(mask, blocks)
             h = layer(h, c, mask, layer_scalar=scalar.layer_scalar)
         # In generation the cache is the encoder's output; training's optional
         # autoregressive loss reads h through the shared final norm and head.
         return h
+
+    @property
+    def has_vision(self) -> bool:
+        return "vision_tower" in self.model.encoder
+
+    def attach_vision(self, vision) -> None:
+        """Give the encoder its vision tower and embedder (vision.py's
+        `VisionModel`, loaded): their parameters then sit under their
+        checkpoint names, `model.encoder.vision_tower.*` and `.embed_vision.*`."""
+        self.model.encoder.vision_tower = vision.vision_tower
+        self.model.encoder.embed_vision = vision.embed_vision
+
+    @property
+    def vision_config(self):
+        """The vision tower's config (vision.py's `VisionConfig`), or None: text only."""
+        return self.model.encoder.vision_tower.config if self.has_vision else None
+
+    def check_vision(self) -> None:
+        if not self.has_vision:
+            raise ValueError(
+                "this model has no vision tower (its checkpoint holds no model.encoder.vision_tower.* "
+                "weights): it takes text only"
+            )
+
+    def embed_images(self, pixel_values, position_ids) -> mx.array:
+        """Soft tokens [n, hidden] of preprocessed images, every image's in
+        order (the reference's `get_image_features(...).pooler_output`)."""
+        self.check_vision()
+        encoder = self.model.encoder
+        return encoder.embed_vision(encoder.vision_tower(pixel_values, position_ids))
 
     def decode(
         self,

@@ -164,6 +164,11 @@ def train(model: Model, config: dict, train_blocks: list, valid_blocks: list, ou
     """Train in place; returns the (step, training loss) history."""
     mx.random.seed(args.seed)
     random.seed(args.seed)
+    if model.has_vision:
+        # training reads text only: the tower is neither updated (weight decay
+        # would move it) nor read into memory
+        model.model.encoder.vision_tower.freeze()
+        model.model.encoder.embed_vision.freeze()
     if args.lora_rank:
         model.freeze()
         linear_to_lora_layers(model, len(model.layers),
@@ -185,13 +190,12 @@ def train(model: Model, config: dict, train_blocks: list, valid_blocks: list, ou
         log(f"resuming at step {start}")
     model.train()
     batches, valid = Batches(train_blocks, args.batch_size, args.seed + start), Batches(valid_blocks, args.batch_size, 1)
-    state = [model.state, optimizer.state]
     history, tokens, tic = [], 0, time.perf_counter()
     for step in range(start + 1, args.iters + 1):
         context, block = next(batches)
         loss, grads = training_step(model, context, block, args)
         optimizer.update(model, grads)
-        mx.eval(state, loss)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
         history.append((step, loss.item()))
         tokens += context.size + block.size
         _progress(step, args.iters, loss.item(), tokens / (time.perf_counter() - tic))

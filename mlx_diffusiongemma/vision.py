@@ -408,16 +408,21 @@ def sanitize_vision(weights: Mapping) -> Dict[str, mx.array]:
     return out
 
 
+def _names(short: list, shown: int = 5) -> str:
+    names = ", ".join(CHECKPOINT_PREFIX + n for n in short[:shown])
+    return names + (f" and {len(short) - shown} more" if len(short) > shown else "")
+
+
 def load_vision_weights(model: VisionModel, weights: Mapping) -> None:
     """Loads sanitized weights strictly: a missing, unexpected or misshaped
     tensor is a ValueError naming it (with its checkpoint name)."""
     params = dict(tree_flatten(model.parameters()))
     missing = sorted(set(params) - set(weights))
     if missing:
-        raise ValueError(f"missing vision weight(s): {', '.join(CHECKPOINT_PREFIX + n for n in missing)}")
+        raise ValueError(f"missing vision weight(s): {_names(missing)}")
     extra = sorted(set(weights) - set(params))
     if extra:
-        raise ValueError(f"unexpected vision weight(s): {', '.join(CHECKPOINT_PREFIX + n for n in extra)}")
+        raise ValueError(f"unexpected vision weight(s): {_names(extra)}")
     for name, value in weights.items():
         if tuple(value.shape) != tuple(params[name].shape):
             raise ValueError(

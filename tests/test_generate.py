@@ -25,7 +25,8 @@ class ScriptedModel:
     def __init__(self, canvases, generation_config=None, context=4096):
         self.script = [mx.array(c) for c in canvases]
         self.args = SimpleNamespace(
-            canvas_length=C, vocab_size=V, max_position_embeddings=context, final_logit_softcapping=30.0
+            canvas_length=C, vocab_size=V, max_position_embeddings=context, final_logit_softcapping=30.0,
+            image_token_id=-1,  # no prompt holds it
         )
         self.dtype = mx.float32
         self.generation_config = MappingProxyType(generation_config or {})
@@ -34,7 +35,7 @@ class ScriptedModel:
     def make_cache(self):
         return []
 
-    def encode(self, ids, cache, chunk_size=512):
+    def encode(self, ids, cache, chunk_size=512, images=None):
         self.encoded.append(np.array(ids).ravel().tolist())
 
     def decode(self, canvas, cache, **self_conditioning):

@@ -377,7 +377,7 @@ def test_load_names_a_config_the_tokenizer_refuses(ckpt):
     """transformers re-reads config.json to build the tokenizer, strictly typed:
     what it refuses is one ValueError naming the checkpoint."""
     write_tokenizer(ckpt)
-    edit_config(ckpt, lambda c: c.update(vision_config=[1]))
+    edit_config(ckpt, lambda c: c.update(initializer_range=[1]))
     with pytest.raises(ValueError) as refused:
         load(ckpt)
     assert one_line(refused).startswith(f"{ckpt}: cannot load the tokenizer: ")

@@ -17,10 +17,12 @@ from mlx.utils import tree_map
 from mlx_lm.generate import generation_stream, wired_limit
 from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache
 
-from ..chat import render_prompt, split_thinking
+from ..chat import split_thinking
+from ..model import Images, chunk_bounds
 from ..sampling import Randomness, StableAndConfidentStopping, choose_prediction, linear_temperature, renoise
 from .events import Commit, DiffusionResponse, Draft
 from .options import DiffusionOptions
+from .prompts import first_canvas, is_batch, prepare_prompts
 
 PREFILL_STEP_SIZE = 2048  # mlx-lm's default
 
@@ -36,13 +38,17 @@ def stream_diffusion_generate(
     seed: Optional[int] = None,
     randomness=None,
     decoder_input_ids=None,
+    images=None,
+    max_soft_tokens: Optional[int] = None,
     **options,
 ) -> Iterator[Union[Draft, Commit, DiffusionResponse]]:
     """Generate canvas by canvas, yielding a `Draft` per denoising step, a
     `Commit` per canvas and finally the `DiffusionResponse`.
 
     `prompt` is a string (rendered with the chat template unless
-    `use_chat_template=False`) or token ids, or a list of those: a batch,
+    `use_chat_template=False`), chat messages (rendered with the chat
+    template; image items may carry their image) or token ids, or a list
+    of those: a batch,
     denoised together, one canvas per prompt; every event then names its
     prompt (`row`), and each prompt ends with its own `DiffusionResponse`
     when it stops (eos, `max_tokens`, the model's context). Each prompt
@@ -50,19 +56,33 @@ def stream_diffusion_generate(
     prompt r draws as a prompt alone does with `seed + r`. `options` are
     `DiffusionOptions` fields. `decoder_input_ids` replaces the first
     canvas's random start ([C], or [B, C] for a batch).
+
+    `images` (paths, PIL images or arrays) go with the prompt: a list for
+    one prompt, for a batch a list of each prompt's list (or None). A text
+    prompt's images come before its text; a raw prompt
+    (`use_chat_template=False`) and chat messages place them where they
+    hold the image token, and token ids hold each image's expanded soft
+    tokens. `max_soft_tokens` (70, 140, 280, 560 or 1120; default the
+    checkpoint's processor setting) bounds each image's soft tokens.
     """
     # 1. options: the checkpoint's generation config, then the caller's
     args = model.args
     opts = DiffusionOptions.resolve(model, tokenizer, options)
 
-    # 2. prompts (and the first canvas, if given) as checked token ids
-    batch = _is_batch(prompt)
-    prompts = [
-        _prompt_ids(p, tokenizer, args, f"prompt {i}" if batch else "prompt", system_prompt, enable_thinking, use_chat_template)
-        for i, p in enumerate(prompt if batch else [prompt])
-    ]
+    # 2. prompts (and the first canvas, if given) as checked token ids, with their images' pixels
+    prepared = prepare_prompts(
+        prompt,
+        images,
+        tokenizer,
+        model,
+        max_soft_tokens,
+        system_prompt=system_prompt,
+        enable_thinking=enable_thinking,
+        use_chat_template=use_chat_template,
+    )
+    prompts = [p.ids for p in prepared]
     B, C, V = len(prompts), args.canvas_length, args.vocab_size
-    first_canvas = None if decoder_input_ids is None else _first_canvas(decoder_input_ids, B, C, V)
+    start_canvas = None if decoder_input_ids is None else first_canvas(decoder_input_ids, B, C, V)
 
     # 3. the sampler's pieces: draws, acceptance, stopping; each row's budget of canvases
     if randomness is not None and seed is not None:
@@ -75,10 +95,11 @@ def stream_diffusion_generate(
 
     # as mlx-lm's generate: weights wired on Metal, compute on its generation stream
     with wired_limit(model, [generation_stream]):
-        # 4. prefill: the prompts into the cache
+        # 4. prefill: the images through the vision tower, the prompts into the cache
         start = time.perf_counter()
         with mx.stream(generation_stream):
-            cache = prefill(model, prompts)
+            features = [model.embed_images(p.pixel_values, p.position_ids) if p.counts else None for p in prepared]
+            cache = prefill(model, prompts, features)
         prompt_end = time.perf_counter()
         for row in rows:
             row.prompt_time = prompt_end - start
@@ -87,8 +108,8 @@ def stream_diffusion_generate(
         for index in range(max(canvases)):
             # 5. a random canvas per row (drawn even when the caller gives one, as the reference does)
             canvas = randomness.select(going).uniform_ids((len(going), C), V)
-            if index == 0 and first_canvas is not None:
-                canvas = first_canvas
+            if index == 0 and start_canvas is not None:
+                canvas = start_canvas
 
             # 6. denoise it, a Draft per row and step
             last = {}
@@ -132,7 +153,7 @@ def diffusion_generate(model, tokenizer, prompt, **kwargs):
     for event in stream_diffusion_generate(model, tokenizer, prompt, **kwargs):
         if isinstance(event, DiffusionResponse):
             responses[event.row] = event
-    return [responses[r] for r in sorted(responses)] if _is_batch(prompt) else responses[0]
+    return [responses[r] for r in sorted(responses)] if is_batch(prompt) else responses[0]
 
 
 def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acceptance, stopping):
@@ -191,8 +212,10 @@ def denoise_canvas(model, cache, canvas, opts: DiffusionOptions, randomness, acc
             cache = [filter_rows(c, index) for c in cache[: len(model.layers)]]
 
 
-def prefill(model, prompts: list) -> list:
-    """The layer caches holding the prompts ([L] id arrays).
+def prefill(model, prompts: list, features: Optional[list] = None) -> list:
+    """The layer caches holding the prompts ([L] id arrays), each prompt's
+    image soft tokens (`features[r]`, [n_r, hidden], or None) in place of
+    its image tokens. No chunk splits an image block (`chunk_bounds`).
 
     One prompt: chunks of 2048, then the last token alone, as mlx-lm's
     generate_step prefills; mlx_lm.generate driving our model then builds a
@@ -203,25 +226,25 @@ def prefill(model, prompts: list) -> list:
     multi-token write after that (the next canvas's commit) loses track of a
     short row's padding (mlx-lm 0.32)."""
     cache = model.make_cache()
-    if len(prompts) == 1:
-        ids = prompts[0]
-        if ids.size > 1:
-            model.encode(ids[:-1], cache, chunk_size=PREFILL_STEP_SIZE)
-        model.encode(ids[-1:], cache)
-        return cache
     length = max(ids.size for ids in prompts)
     padding = [length - ids.size for ids in prompts]
+    padded = mx.stack([mx.concatenate([mx.zeros((pad,), mx.int32), ids]) for pad, ids in zip(padding, prompts)])
+    images = None
+    if features is not None and any(f is not None for f in features):
+        images = Images.place(np.array(padded), features, model.args.image_token_id)
+    if len(prompts) == 1:
+        ids, n = prompts[0], prompts[0].size
+        if n > 1 and (images is None or not images.inside(n - 1)):
+            model.encode(ids[:-1], cache, chunk_size=PREFILL_STEP_SIZE, images=images and images.span(0, n - 1))
+            ids, images = ids[-1:], images and images.span(n - 1, n)
+        model.encode(ids, cache, chunk_size=PREFILL_STEP_SIZE, images=images)
+        return cache
     cache = [
         BatchKVCache(padding) if isinstance(c, KVCache) else BatchRotatingKVCache(c.max_size, padding)
         for c in cache[: len(model.layers)]
     ]
-    padded = mx.stack([mx.concatenate([mx.zeros((pad,), mx.int32), ids]) for pad, ids in zip(padding, prompts)])
-    begin = 0
-    while begin < length:
-        size = min(PREFILL_STEP_SIZE, length - begin)
-        size -= length - begin - size == 1  # never leave a last chunk of one token
-        model.encode(padded[:, begin : begin + size], cache, chunk_size=size)
-        begin += size
+    for begin, end in chunk_bounds(length, PREFILL_STEP_SIZE, images, shortest=2):
+        model.encode(padded[:, begin:end], cache, chunk_size=end - begin, images=images and images.span(begin, end))
     return cache
 
 
@@ -288,49 +311,3 @@ class _Row:
             wall_time=end - start,
             row=row,
         )
-
-
-def _is_batch(prompt) -> bool:
-    """A list (or tuple) of prompts, each a string or a sequence of ids; a
-    list of ids is one prompt."""
-    return isinstance(prompt, (list, tuple)) and len(prompt) > 0 and not isinstance(prompt[0], (int, np.integer))
-
-
-def _prompt_ids(prompt, tokenizer, args, what: str, system_prompt, enable_thinking, use_chat_template) -> mx.array:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"{what} is empty")
-        prompt = render_prompt(
-            tokenizer, prompt, system_prompt, enable_thinking, use_chat_template, args.max_position_embeddings
-        )
-    ids = _token_ids(prompt, args.vocab_size, what)
-    if (args.max_position_embeddings - ids.size) // args.canvas_length < 1:
-        raise ValueError(
-            f"{what} has {ids.size} tokens; with a canvas of {args.canvas_length} it does not fit the model's "
-            f"context of {args.max_position_embeddings} tokens"
-        )
-    return ids
-
-
-def _first_canvas(decoder_input_ids, rows: int, C: int, V: int) -> mx.array:
-    """The caller's first canvas as [rows, C]: [C] (or [1, C]) for one prompt, [B, C] for a batch."""
-    ids = np.asarray(decoder_input_ids.tolist() if isinstance(decoder_input_ids, mx.array) else decoder_input_ids)
-    if rows == 1 and ids.size == C:
-        ids = ids.reshape(1, C)
-    if ids.shape != (rows, C):
-        expected = f"exactly canvas_length={C} ids (one whole canvas)" if rows == 1 else f"shape [{rows}, {C}] (a canvas per prompt)"
-        raise ValueError(f"decoder_input_ids must hold {expected}, got shape {list(ids.shape)}")
-    return mx.stack([_token_ids(row, V, "decoder_input_ids") for row in ids])
-
-
-def _token_ids(ids, vocab_size: int, what: str) -> mx.array:
-    array = np.asarray(ids.tolist() if isinstance(ids, mx.array) else ids)
-    if array.size == 0:
-        raise ValueError(f"{what} is empty")
-    if array.ndim == 2 and array.shape[0] == 1:
-        array = array[0]
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{what} must be a string or a 1-D sequence of token ids, got shape {array.shape}")
-    if array.min() < 0 or array.max() >= vocab_size:
-        raise ValueError(f"{what} holds ids outside [0, {vocab_size}): {array.min()}..{array.max()}")
-    return mx.array(array, dtype=mx.int32)

@@ -14,6 +14,8 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, 
 from transformers.cache_utils import DynamicCache
 from transformers.models.gemma4 import Gemma4VisionConfig
 
+from .tiny_tokenizer import image_token_ids
+
 TINY_TEXT = dict(
     vocab_size=320,
     hidden_size=64,
@@ -53,11 +55,18 @@ def build_reference(seed: int = 0, canvas_length: int = 12, perturb: bool = True
     torch.manual_seed(seed)
     text = DiffusionGemmaTextConfig(**{**TINY_TEXT, **text_overrides})
     config = DiffusionGemmaConfig(
-        text_config=text, vision_config=Gemma4VisionConfig(**TINY_VISION), canvas_length=canvas_length
+        text_config=text,
+        vision_config=Gemma4VisionConfig(**TINY_VISION),
+        canvas_length=canvas_length,
+        **image_token_ids(text.vocab_size),
     )
     model = DiffusionGemmaForBlockDiffusion(config).eval().float()
-    if not perturb:
-        return model
+    if perturb:
+        _perturb(model, seed)
+    return model
+
+
+def _perturb(model, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -77,7 +86,6 @@ def build_reference(seed: int = 0, canvas_length: int = 12, perturb: bool = True
             if name.endswith("layer_scalar"):
                 # encoder and decoder scalars must differ, and differ per layer
                 b.copy_(0.6 + torch.rand(b.shape, generator=gen))
-    return model
 
 
 def save_reference(model: DiffusionGemmaForBlockDiffusion, path: Path, global_head_dim_form: bool = False) -> Path:
@@ -113,3 +121,41 @@ class ReferenceRunner:
             self_conditioning_logits=sc,
         )
         return out.logits.numpy()
+
+
+def perturb_vision(model, seed: int) -> None:
+    """Moves every vision parameter and buffer (std_bias / std_scale
+    included) away from its initial value, as build_reference does the text
+    model's. Clipping bounds are left open (tests/test_vision.py sets them)."""
+    gen = torch.Generator().manual_seed(seed)
+    prefixes = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(prefixes):
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.add_(0.3)
+                elif name.endswith("norm.weight"):
+                    p.add_(1.0)
+        for name, b in model.named_buffers():
+            if name.endswith("std_bias"):
+                b.copy_(torch.rand(b.shape, generator=gen) - 0.5)
+            elif name.endswith("std_scale"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+
+
+def build_vision_reference(seed: int = 0, vision: dict = None, canvas_length: int = 12, **text_overrides):
+    """build_reference with a vision tower of `vision` (TINY_VISION and
+    these), every vision parameter and buffer perturbed too."""
+    torch.manual_seed(seed)
+    text = DiffusionGemmaTextConfig(**{**TINY_TEXT, **text_overrides})
+    config = DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=Gemma4VisionConfig(**{**TINY_VISION, **(vision or {})}),
+        canvas_length=canvas_length,
+        **image_token_ids(text.vocab_size),
+    )
+    model = DiffusionGemmaForBlockDiffusion(config).eval().float()
+    _perturb(model, seed)
+    perturb_vision(model, seed + 2)
+    return model
