@@ -10,6 +10,7 @@ import json
 import reprlib
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
 
@@ -296,7 +297,8 @@ def load_vision(path: Path, config: dict, checkpoint: dict, args: ModelArgs, dty
     if not weights:
         return None
     try:
-        vision = VisionModel(VisionConfig.from_checkpoint_config(config))
+        with _random_state_kept():
+            vision = VisionModel(VisionConfig.from_checkpoint_config(config))
         for name in IMAGE_TOKEN_FIELDS:
             args.check_token_ids(name, getattr(args, name))
     except ValueError as e:
@@ -309,6 +311,21 @@ def load_vision(path: Path, config: dict, checkpoint: dict, args: ModelArgs, dty
         raise ValueError(f"{path}: {e}") from None
     vision.eval()
     return vision
+
+
+@contextmanager
+def _random_state_kept():
+    """Building modules draws their initial weights from mx.random's global
+    state. The tower's are replaced by the checkpoint's at once, and a model
+    loaded with a tower must leave the state as mlx-lm's text-only loader
+    does: `mlx_lm.generate --seed` seeds before it loads, and both must then
+    draw the same. mx.random.seed(s) sets the key to s's high and low 32
+    bits (pinned by tests/test_image_prompts.py)."""
+    high, low = mx.random.state[0].tolist()
+    try:
+        yield
+    finally:
+        mx.random.seed((high << 32) | low)
 
 
 def image_token_budget(path: Path) -> Optional[int]:

@@ -487,7 +487,11 @@ class Model(nn.Module):
         """
         ids = _token_batch(token_ids)
         for start, end in chunk_bounds(ids.shape[1], chunk_size, images):
-            self.encode_chunk(ids[:, start:end], cache, None if images is None else images.span(start, end))
+            span = None if images is None else images.span(start, end)
+            if span is None:
+                self.encode_chunk(ids[:, start:end], cache)
+            else:
+                self.encode_chunk(ids[:, start:end], cache, span)
             mx.eval([c.state for c in cache])
 
     def lookahead(self, token_ids, cache: list) -> list:

@@ -213,3 +213,159 @@ def test_a_usage_error_is_one_line_whatever_the_arguments_hold(capsys):
         main(["--model", "demo", "--prompt", "x", "a\nb"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and r"unrecognized arguments: a\nb" in err, err
+
+
+# Images: --image / --images (mlx_vlm.generate's flag) and --max-soft-tokens.
+
+
+def _png(path: Path, seed: int = 0, size=(12, 18)) -> Path:
+    """A small noise PNG (the tiny tower's images are multiples of 6 pixels once resized)."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_only_checkpoint(chat_checkpoint, tmp_path_factory):
+    """chat_checkpoint without its vision tower's tensors (its config still names a vision_config)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from mlx_diffusiongemma.model import VISION_PREFIXES
+
+    path = tmp_path_factory.mktemp("text_only") / "model"
+    shutil.copytree(chat_checkpoint, path)
+    weights = load_file(path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if not k.startswith(VISION_PREFIXES)}
+    assert len(kept) < len(weights)
+    save_file(kept, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_an_image_goes_with_the_prompt(chat_checkpoint, tmp_path, capsys):
+    """The command's answer is the API's with the same image and budget, its
+    prompt the text's plus the image's soft tokens."""
+    image = _png(tmp_path / "a.png")
+    argv = ["--model", str(chat_checkpoint), "--prompt", "why is the sky blue", *FAST]
+    assert main([*argv, "--image", str(image), "--max-soft-tokens", "70"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    mx.random.seed(1)
+    model, tokenizer = load(chat_checkpoint)
+    expected = diffusion_generate(model, tokenizer, "why is the sky blue", images=[str(image)], max_soft_tokens=70,
+                                  max_tokens=12, max_denoising_steps=3)
+    text_only = diffusion_generate(model, tokenizer, "why is the sky blue", max_tokens=12, max_denoising_steps=3)
+    assert lines[0] == expected.text
+    assert lines[-1].startswith(f"Prompt: {expected.prompt_tokens} tokens, ")
+    # 12x18 pixels at 70 soft tokens: resized to 36x60, 18x30 patches, 60 soft tokens, plus boi and eoi
+    assert expected.prompt_tokens == text_only.prompt_tokens + 62
+
+
+@pytest.mark.parametrize(
+    "flags,images,budget",
+    [
+        ([], None, None),
+        (["--image", "a.png"], ["a.png"], None),
+        (["--image", "a.png", "--image", "b.png", "--max-soft-tokens", "140"], ["a.png", "b.png"], 140),
+        (["--images", "a.png", "b.png", "--max-soft-tokens", "1120"], ["a.png", "b.png"], 1120),
+        (["--max-soft-tokens", "70"], None, 70),
+    ],
+    ids=["none", "one", "repeated", "listed", "budget alone"],
+)
+def test_images_and_budget_reach_the_generator(chat_checkpoint, tmp_path, monkeypatch, capsys, flags, images, budget):
+    """The paths, in order and as given, and the budget are what stream_diffusion_generate gets."""
+    from mlx_diffusiongemma.generate import command
+
+    for seed, name in enumerate(("a.png", "b.png")):
+        _png(tmp_path / name, seed)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def stub(model, tokenizer, prompt, **kwargs):
+        calls.append((prompt, kwargs))
+        raise ValueError("stub: no generation")
+
+    monkeypatch.setattr(command, "stream_diffusion_generate", stub)
+    assert main(["--model", str(chat_checkpoint), "--prompt", "why", *flags]) == 1
+    assert "stub: no generation" in capsys.readouterr().err
+    [(prompt, kwargs)] = calls
+    assert prompt == "why" and kwargs["images"] == images and kwargs["max_soft_tokens"] == budget
+
+
+def test_a_bad_image_is_one_line_before_the_model_loads(tmp_path, capsys):
+    """A missing, corrupt or truncated file: one line naming it, exit 1; the
+    model ("missing-model" does not exist) is never loaded."""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png at all")
+    truncated = _png(tmp_path / "truncated.png", size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    good = _png(tmp_path / "good.png")
+    for bad, message in [
+        (tmp_path / "missing.png", "image file not found: "),
+        (corrupt, "cannot read image "),
+        (truncated, "cannot read image "),
+        (tmp_path, "image file not found: "),
+    ]:
+        assert main(["--model", str(tmp_path / "missing-model"), "--prompt", "hi", "--image", str(good), str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"{message}{bad}" in err and "Traceback" not in err, err
+
+
+def test_without_pillow_the_image_names_the_extra(tmp_path, monkeypatch, capsys):
+    image = _png(tmp_path / "a.png")
+    for name in [name for name in sys.modules if name == "PIL" or name.startswith("PIL.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    assert main(["--model", str(tmp_path / "missing-model"), "--prompt", "hi", "--image", str(image)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "pip install 'mlx-diffusiongemma[vision]'" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-soft-tokens", "100"], "argument --max-soft-tokens: invalid choice: 100 (choose from 70, 140, 280, 560, 1120)"),
+        (["--max-soft-tokens", "many"], "argument --max-soft-tokens: invalid int value: 'many'"),
+        (["--image"], "argument --image/--images: expected at least one argument"),
+        (["--image", "a.png", "--prompt", "q"], "--image goes with a single --prompt, not a batch"),
+        (["--prompt", "q", "--images", "a.png"], "--image goes with a single --prompt, not a batch"),
+    ],
+)
+def test_bad_image_flags_exit_2_with_one_line(argv, message, capsys):
+    # the model "x" and the image "a.png" do not exist: these fail at parsing
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "x", "--prompt", "p", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and message in err, err
+
+
+def test_a_batch_file_refuses_images(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("hi\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "x", "--prompts-file", str(tmp_path / "prompts.txt"), "--image", "a.png"])
+    assert exit_info.value.code == 2 and "--image goes with a single --prompt" in capsys.readouterr().err
+
+
+def test_a_text_only_model_refuses_an_image(text_only_checkpoint, tmp_path, capsys):
+    """No vision tower: text generates, an image is one line and exit 1."""
+    image = _png(tmp_path / "a.png")
+    assert main(["--model", str(text_only_checkpoint), "--prompt", "why is the sky blue", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["--model", str(text_only_checkpoint), "--prompt", "why", "--image", str(image), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "this model has no vision tower" in err, err
+
+
+def test_a_raw_prompt_marks_where_the_image_goes(chat_checkpoint, tmp_path, capsys):
+    """--ignore-chat-template: the prompt holds the image token where the image goes;
+    without it, the count mismatch is one line."""
+    image = _png(tmp_path / "a.png")
+    argv = ["--model", str(chat_checkpoint), "--ignore-chat-template", "--image", str(image), "--max-soft-tokens", "70", *FAST]
+    assert main([*argv, "--prompt", "why <|image|> blue"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("Prompt: 64 tokens, ")  # why, boi, 60, eoi, blue
+    assert main([*argv, "--prompt", "why blue"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "0 image placeholder(s) (<|image|>) but 1 image(s)" in err, err

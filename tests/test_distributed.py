@@ -161,7 +161,8 @@ def test_each_rank_holds_its_share(ranks, checkpoint):
     whole = ranks[0][checkpoint]["sizes"]["whole"]
     held = [report[checkpoint]["sizes"]["sharded"] for report in ranks]
     assert set(held[0]) == set(held[1]) == set(whole)
-    split = {key for key in whole if re.search(SPLIT[checkpoint], key)}
+    # the vision tower is not cut: each rank holds it whole (and reads it only for an image)
+    split = {key for key in whole if re.search(SPLIT[checkpoint], key) and ".vision_tower." not in key}
     assert any(".experts." in key for key in split) and any(".self_attn." in key for key in split)
     for key in whole:
         if key in split:

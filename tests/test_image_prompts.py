@@ -207,6 +207,11 @@ def test_errors_name_the_problem(vision_pair, tmp_path):
         diffusion_generate(model, tokenizer, messages, images=two[:1])
     with pytest.raises(ValueError, match="max_soft_tokens must be one of"):
         diffusion_generate(model, tokenizer, TEXT, images=two[:1], max_soft_tokens=100)
+    with pytest.raises(ValueError, match="max_soft_tokens must be one of"):
+        diffusion_generate(model, tokenizer, TEXT, max_soft_tokens=100)  # without images too
+    url = [{"role": "user", "content": [{"type": "image", "url": "https://example.com/x.png"}, {"type": "text", "text": TEXT}]}]
+    with pytest.raises(ValueError, match="image URLs are not fetched"):
+        diffusion_generate(model, tokenizer, url)
     with pytest.warns(UserWarning, match="no images were given"):
         prepare_prompts(np.array(prompt.ids).tolist(), None, tokenizer, model)
 
@@ -295,3 +300,20 @@ def test_training_keeps_the_tower_as_loaded(vision_pair, tmp_path):
     assert before and all(np.array_equal(saved[k], v) for k, v in before.items())
     reloaded, _ = load(tmp_path / "out")
     assert reloaded.has_vision
+
+
+def test_loading_a_tower_leaves_the_random_state(vision_pair, text_only):
+    """mlx_lm.generate --seed seeds, then loads (text only); ours loads the
+    tower too and must leave mx.random where a text-only load leaves it."""
+    _, _, _ = vision_pair
+    reference_path = text_only.parent / "with_tower"
+    if not reference_path.exists():
+        save_reference(build_vision_reference(seed=5, vision=VISION, use_bidirectional_attention="vision"), reference_path)
+        write_tokenizer(reference_path)
+    draws = []
+    for path in (text_only, reference_path):
+        mx.random.seed(123)
+        model, _ = load(path)
+        assert model.has_vision == (path == reference_path)
+        draws.append(np.array(mx.random.uniform(shape=(4,))))
+    np.testing.assert_array_equal(draws[0], draws[1])

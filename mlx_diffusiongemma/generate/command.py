@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from ..arguments import ArgumentParser, checked, str2bool
 from ..chat import check_text, longest_text
+from ..images import SUPPORTED_SOFT_TOKENS, load_image
 from ..load import load
 from ..sampling import check_seed
 from .events import Commit, DiffusionResponse
@@ -30,6 +31,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                          help="message to the model ('-' reads stdin); several --prompt are generated together, as a batch")
     prompts.add_argument("--prompts-file", metavar="FILE", help="a batch: one prompt per line (blank lines skipped)")
     p.add_argument("--system-prompt", type=checked(str, _text("system prompt")), default=None)
+    p.add_argument("--image", "--images", dest="image", metavar="PATH", nargs="+", action="extend", default=None,
+                   help="an image file for the prompt, before its text (several: list them or repeat the flag; "
+                        "one prompt only; with --ignore-chat-template the prompt holds the image token where each goes)")
+    p.add_argument("--max-soft-tokens", type=int, choices=SUPPORTED_SOFT_TOKENS, default=None, metavar="N",
+                   help="soft tokens per image at most: 70, 140, 280, 560 or 1120 "
+                        "(default: the checkpoint's processor config, else 280)")
     p.add_argument("--ignore-chat-template", action="store_true", help="encode the prompt raw")
     p.add_argument("--enable-thinking", action="store_true", help="let the model think before answering")
     p.add_argument("--show-thinking", action="store_true", help="print the thought channel too")
@@ -112,6 +119,8 @@ def parse_args(argv=None) -> tuple:
         DiffusionOptions.check({k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None})
     except ValueError as e:
         parser.error(str(e))
+    if args.image and (args.prompts_file is not None or len(args.prompt) > 1):
+        parser.error("--image goes with a single --prompt, not a batch (the Python API's images= takes a batch's)")
     return parser, args
 
 
@@ -146,6 +155,16 @@ def _read_text(stream, name: str, limit=None) -> str:
         raise ValueError(f"{name} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 1]!r})") from None
 
 
+def _check_images(paths: list) -> None:
+    """Each image read once before the model loads, so a missing or corrupt
+    file (or no Pillow) fails fast; the generation reads them again."""
+    for path in paths:
+        try:
+            load_image(path)
+        except ImportError as e:  # no Pillow: the message names the extra
+            raise ValueError(str(e)) from None
+
+
 def main(argv=None) -> int:
     """The command: one line and an exit code for what stops it (1 for a bad
     file or model-dependent value, 130 for Ctrl-C; a reader that stops
@@ -173,6 +192,7 @@ def _generate(argv) -> int:
     printing = group.rank() == 0
     responses, live = {}, None
     try:
+        _check_images(args.image or [])
         model, tokenizer = load(args.model, tensor_group=group if group.size() > 1 else None)
         prompts = _read_prompts(args, tokenizer, model.args.max_position_embeddings)
         tty = printing and args.verbose and sys.stdout.isatty()
@@ -185,6 +205,8 @@ def _generate(argv) -> int:
             enable_thinking=args.enable_thinking,
             use_chat_template=not args.ignore_chat_template,
             decoder_input_ids=args.decoder_input_ids,
+            images=args.image,
+            max_soft_tokens=args.max_soft_tokens,
             **options,
         )
         for event in events:

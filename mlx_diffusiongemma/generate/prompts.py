@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..chat import ImageTokens, render_conversation, render_prompt
-from ..images import preprocess
+from ..images import SUPPORTED_SOFT_TOKENS, preprocess
 
 # Gemma4ImageProcessor's default, for a checkpoint without a processor config
 DEFAULT_MAX_SOFT_TOKENS = 280
@@ -50,6 +50,8 @@ def prepare_prompts(prompt, images, tokenizer, model, max_soft_tokens=None, **re
     """`Prompt`s for `prompt` (one, or a batch) and `images` (for one
     prompt a list of images; for a batch a list with each prompt's list,
     or None). `rendering`: system_prompt, enable_thinking, use_chat_template."""
+    if max_soft_tokens is not None and (isinstance(max_soft_tokens, bool) or max_soft_tokens not in SUPPORTED_SOFT_TOKENS):
+        raise ValueError(f"max_soft_tokens must be one of {SUPPORTED_SOFT_TOKENS}, got {max_soft_tokens!r}")
     batch = is_batch(prompt)
     prompts = list(prompt) if batch else [prompt]
     return [
@@ -126,6 +128,8 @@ def _message_images(messages, what: str) -> list:
         for item in content if isinstance(content, list) else []:
             if isinstance(item, dict) and item.get("type") == "image":
                 source = next((item[k] for k in _IMAGE_KEYS if item.get(k) is not None), None)
+                if isinstance(source, str) and source.startswith(("http://", "https://")):
+                    raise ValueError(f"{what}: image URLs are not fetched ({source}); give a local path, a PIL image or an array")
                 if source is not None:
                     found.append(source)
     return found
