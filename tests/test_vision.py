@@ -16,7 +16,7 @@ from mlx_diffusiongemma.vision import (
     sanitize_vision,
     soft_token_counts,
 )
-from tests.helpers.reference import TINY_TEXT, TINY_VISION, build_reference
+from tests.helpers.reference import TINY_TEXT, TINY_VISION, build_reference, perturb_vision
 
 VISION = dict(
     TINY_VISION,
@@ -39,26 +39,7 @@ def build_vision_reference(seed: int = 0) -> DiffusionGemmaForBlockDiffusion:
         text_config=DiffusionGemmaTextConfig(**TINY_TEXT), vision_config=Gemma4VisionConfig(**VISION)
     )
     model = DiffusionGemmaForBlockDiffusion(config).eval().float()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.startswith(PREFIXES):
-                continue
-            p.add_(0.3 * torch.randn(p.shape, generator=gen))
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.add_(0.3)
-            elif name.endswith("norm.weight"):
-                p.add_(1.0)
-        for name, b in model.named_buffers():
-            if not name.startswith(PREFIXES) or name.endswith("inv_freq"):
-                continue
-            r = torch.rand(b.shape, generator=gen)
-            if name.endswith("std_bias"):
-                b.copy_(r - 0.5)
-            elif name.endswith("std_scale"):
-                b.copy_(0.5 + r)
-            elif not name.endswith(("_min", "_max")):
-                raise AssertionError(f"unexpected vision buffer {name}")
+    perturb_vision(model, seed + 1)
     set_clamps(model)
     return model
 

@@ -138,10 +138,14 @@ def perturb_vision(model, seed: int) -> None:
                 elif name.endswith("norm.weight"):
                     p.add_(1.0)
         for name, b in model.named_buffers():
+            if not name.startswith(prefixes) or name.endswith(("inv_freq", "_min", "_max")):
+                continue
             if name.endswith("std_bias"):
                 b.copy_(torch.rand(b.shape, generator=gen) - 0.5)
             elif name.endswith("std_scale"):
                 b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+            else:
+                raise AssertionError(f"unexpected vision buffer {name}: perturb it here")
 
 
 def build_vision_reference(seed: int = 0, vision: dict = None, canvas_length: int = 12, **text_overrides):
