@@ -19,6 +19,17 @@ from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache, Rot
 from .mlx_lm_internals import kv_cache_context, rotating_in_order
 
 
+def batch_caches(caches: list, padding: list) -> list:
+    """mlx-lm's batch versions of a model's layer caches (`make_cache()`,
+    empty) for rows left-padded by `padding` tokens: BatchKVCache for a full
+    layer, BatchRotatingKVCache (the same window) for a sliding one. The
+    padding is masked out wherever the rows are read."""
+    return [
+        BatchKVCache(padding) if isinstance(c, KVCache) else BatchRotatingKVCache(c.max_size, padding)
+        for c in caches
+    ]
+
+
 def context(cache) -> tuple:
     """The cached context's keys and values, in temporal order, as a chunk
     after it attends to them: a sliding layer's last `window - 1` tokens, as

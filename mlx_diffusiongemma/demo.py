@@ -25,16 +25,21 @@ from .arguments import ArgumentParser
 DEMO_DIR = Path(__file__).parent / "demo_model"
 SPECIALS = ["<pad>", "<eos>", "<bos>"]
 CHARACTERS = list("0123456789=")
-# The last message, as `<bos>digits=`. A character the tokenizer does not know
-# would become <pad> (its unknown token) without a word: the template refuses
-# it, so every tool that renders the template (mlx-lm's server too) says so.
+# The last user message as `<bos>digits=`, and after it, when the conversation
+# ends with the model's answer (chat-format training data), that answer and
+# eos. A character the tokenizer does not know would become <pad> (its
+# unknown token) without a word: the template refuses it, so every tool that
+# renders the template (mlx-lm's server too) says so.
 CHAT_TEMPLATE = (
-    "{%- set text = messages[-1]['content'] | trim -%}"
-    "{%- for c in text.replace('<pad>', '') if c not in '" + "".join(CHARACTERS) + "' -%}"
+    "{%- set answered = messages[-1]['role'] == 'assistant' and messages | length > 1 -%}"
+    "{%- set text = (messages[-2] if answered else messages[-1])['content'] | trim -%}"
+    "{%- set answer = messages[-1]['content'] | trim if answered else '' -%}"
+    "{%- for c in (text ~ answer).replace('<pad>', '') if c not in '" + "".join(CHARACTERS) + "' -%}"
     "{%- if loop.first -%}{{ raise_exception('the demo model knows the characters "
     + "".join(CHARACTERS) + " only, not ' ~ c | tojson) }}{%- endif -%}"
     "{%- endfor -%}"
     "{{ bos_token }}{{ text }}="
+    "{%- if answered -%}{{ answer }}{{ eos_token }}{%- endif -%}"
 )
 MIN_DIGITS, MAX_DIGITS = 3, 8
 

@@ -66,6 +66,7 @@ a one-token chunk ((n - 1) % prefill_step_size == 1) is one canvas wasted.
 """
 
 import logging
+import sys
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -89,6 +90,50 @@ from .sampling import Randomness, StableAndConfidentStopping
 __all__ = ["BatchHeld", "Model", "ModelArgs"]
 
 LAYER_CACHES = (KVCache, RotatingKVCache, BatchKVCache, BatchRotatingKVCache)
+
+# mlx-lm's autoregressive tools (mlx_lm.lora, mlx_lm.evaluate, mlx_lm.perplexity)
+# call the model on token ids without a cache, for next-token logits.
+NO_NEXT_TOKEN_LOGITS = (
+    "DiffusionGemma is a diffusion model: it has no next-token logits, so mlx-lm's autoregressive "
+    "training, evaluation and perplexity do not apply; fine-tune and evaluate it with "
+    "mlx_diffusiongemma.lora (--train, --test)"
+)
+
+
+class NoNextTokenLogits(ValueError):
+    """Raised where a caller asks for next-token logits (a call without a cache)."""
+
+
+def _one_line_hook(previous):
+    """An excepthook that prints a NoNextTokenLogits reaching the top of a
+    command (mlx-lm's commands do not catch it) as one line, and hands
+    everything else to the hook before it."""
+
+    def hook(kind, value, traceback):
+        if issubclass(kind, NoNextTokenLogits):
+            print(f"error: {value}", file=sys.stderr)
+        else:
+            previous(kind, value, traceback)
+
+    hook.diffusiongemma = True
+    return hook
+
+
+# mlx_lm.evaluate scores continuations from the logits of a multi-token call
+# with a cache, which a diffusion model cannot give (ours are placeholders
+# there): refused as the model is built, by the module the command runs from.
+AUTOREGRESSIVE_COMMANDS = ("mlx_lm.evaluate", "mlx_lm.perplexity")
+
+
+def _refuse_autoregressive_commands() -> None:
+    running = [name for name in AUTOREGRESSIVE_COMMANDS if name in sys.modules]
+    if running:
+        raise NoNextTokenLogits(f"{running[0]}: {NO_NEXT_TOKEN_LOGITS}")
+
+
+if not getattr(sys.excepthook, "diffusiongemma", False):
+    sys.excepthook = _one_line_hook(sys.excepthook)
+
 log = logging.getLogger(__name__)
 
 
@@ -226,6 +271,10 @@ class _Substituted:
 
 
 class Model(DiffusionGemma):
+    def __init__(self, args: ModelArgs):
+        _refuse_autoregressive_commands()
+        super().__init__(args)
+
     def make_cache(self) -> list:
         """The layer caches, the canvas's keys and values per layer, then the
         canvas tokens and their positions (see the module docstring)."""
@@ -349,7 +398,9 @@ class Model(DiffusionGemma):
     def _parts(self, cache) -> tuple:
         """(layer caches, pending keys and values per layer, pending canvas)."""
         n = len(self.layers)
-        if cache is None or len(cache) != 2 * n + 1:
+        if cache is None:
+            raise NoNextTokenLogits(NO_NEXT_TOKEN_LOGITS)
+        if len(cache) != 2 * n + 1:
             raise ValueError(
                 "DiffusionGemma generates against its own cache: pass cache=mlx_lm.models.cache."
                 "make_prompt_cache(model) (or model.make_cache())"

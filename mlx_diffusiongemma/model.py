@@ -334,6 +334,14 @@ class DiffusionGemmaModel(nn.Module):
         self.decoder = Decoder(args)
 
 
+class _Modules(nn.Module):
+    """The modules a decoder segment reads, as one module (for nn.utils.checkpoint)."""
+
+    def __init__(self, modules: list):
+        super().__init__()
+        self.parts = modules
+
+
 class Probabilities(NamedTuple):
     """Exact self-conditioning from a step's own unnormalised probabilities:
     softmax = weights / total (the division follows the embedding product)."""
@@ -448,6 +456,9 @@ class Model(nn.Module):
         self.model = DiffusionGemmaModel(args)
         self.generation_config = GenerationConfig()  # set by `load_model`
         self.max_soft_tokens = None  # the checkpoint's image processor setting, set by `load_model`
+        # gradient checkpointing over the decoder's layers (training): each
+        # compiled segment's activations are recomputed in the backward pass
+        self.checkpointing = False
 
     @property
     def layers(self):
@@ -595,13 +606,17 @@ class Model(nn.Module):
         decoder, layers = self.model.decoder, self.layers
         ends = [[decoder.embed_tokens, decoder.self_conditioning]] + [[layer] for layer in layers]
         ends[-1] += [decoder.norm, decoder.embed_tokens]
-        modules = tuple(id(m) for end in ends for m in end)
+        modules = (self.checkpointing, *(id(m) for end in ends for m in end))
         built = self.__dict__.get("_compiled_segments")
         if built is None or built[0] != modules:
-            segments = [
-                mx.compile(partial(self._segment, i), inputs=[end, *([layers[i]] if i < len(layers) else [])])
-                for i, end in enumerate(ends)
-            ]
+            segments = []
+            for i, end in enumerate(ends):
+                reads = [*end, *([layers[i]] if i < len(layers) else [])]
+                segment = mx.compile(partial(self._segment, i), inputs=reads)
+                if self.checkpointing and i > 0:  # (the first reads token ids: nothing to keep there)
+                    # recomputed in the backward pass: the weights go in as arguments, so their gradients come out
+                    segment = nn.utils.checkpoint(_Modules(reads), segment)
+                segments.append(segment)
             built = self.__dict__["_compiled_segments"] = (modules, segments)
         return built[1]
 

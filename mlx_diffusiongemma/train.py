@@ -22,8 +22,9 @@ Each choice and its reason:
   range [0.4, 0.8]; otherwise the trained pass has none.
 - Optional autoregressive loss (`ar_weight`): next-token cross-entropy of the
   encoder through the shared head, which keeps the encoder a language model.
-- Batches hold examples whose context has the same length, so no padding or
-  masks enter the encoder.
+- Batches left-pad their contexts in mlx-lm's batch caches, as generation
+  encodes a batch of prompts: the decoder then reads a sliding layer's last
+  window - 1 context tokens, as it does in generation.
 """
 
 import json
@@ -32,19 +33,19 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.cache import ConcatenateKVCache
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load_tokenizer
 
 from .arguments import ArgumentParser
+from .cache_views import batch_caches
 from .config import ModelArgs
-from .load import copy_companions, load, load_config, load_model, write_model
+from .load import copy_companions, load, load_config, load_model, resolve, write_model
 from .model import Model
 from .staging import claimed, staged
 
@@ -64,6 +65,12 @@ class TrainingArgs:
     seed: int = 0
     lora_rank: int = 0  # 0: full training; else LoRA of this rank on every linear layer
     lora_scale: float = 20.0
+    noise_min: float = 0.0  # each example's noise level t ~ U(noise_min, noise_max)
+    noise_max: float = 1.0
+
+    @property
+    def noise_levels(self) -> tuple:
+        return (self.noise_min, self.noise_max)
 
 
 def make_blocks(prompt: list, response: list, canvas_length: int, eos: int, pad: int) -> list:
@@ -77,59 +84,91 @@ def make_blocks(prompt: list, response: list, canvas_length: int, eos: int, pad:
 
 
 class Batches:
-    """Random batches of (context, block) pairs of equal context length."""
+    """Random batches of (context, block) pairs. Contexts are left-padded to
+    the batch's longest in mlx-lm's batch caches, the padding masked, as a
+    batch of prompts is encoded in generation; examples of similar context
+    length are batched together (as mlx-lm's trainer batches by length), so
+    little is padding."""
 
     def __init__(self, blocks: list, batch_size: int, seed: int):
-        self.by_length = {}
-        for context, block in blocks:
-            self.by_length.setdefault(len(context), []).append((context, block))
-        self.lengths = list(self.by_length)
-        self.weights = [len(self.by_length[n]) for n in self.lengths]
-        self.batch_size = batch_size
+        if not blocks:
+            raise ValueError("no training examples")
         self.rng = random.Random(seed)
+        shuffled = self.rng.sample(blocks, len(blocks))  # equal lengths in random order
+        self.blocks = sorted(shuffled, key=lambda pair: len(pair[0]))
+        self.batch_size = min(batch_size, len(self.blocks))
 
-    def __next__(self):
-        (length,) = self.rng.choices(self.lengths, self.weights)
-        pairs = self.rng.choices(self.by_length[length], k=self.batch_size)
-        return mx.array([c for c, _ in pairs]), mx.array([b for _, b in pairs])
+    def __next__(self) -> "Batch":
+        start = self.rng.randrange(len(self.blocks) - self.batch_size + 1)
+        return Batch.of(self.blocks[start : start + self.batch_size])
 
 
-def _noise(block: mx.array, vocab_size: int) -> mx.array:
-    t = mx.random.uniform(shape=(block.shape[0], 1))
+class Batch(NamedTuple):
+    context: mx.array  # [B, L], left-padded
+    padding: list  # each row's padding tokens
+    block: mx.array  # [B, C]
+
+    @classmethod
+    def of(cls, pairs: list) -> "Batch":
+        length = max(len(c) for c, _ in pairs)
+        padding = [length - len(c) for c, _ in pairs]
+        context = mx.array([[0] * pad + list(c) for pad, (c, _) in zip(padding, pairs)])
+        return cls(context, padding, mx.array([b for _, b in pairs]))
+
+    @property
+    def tokens(self) -> int:
+        return self.context.size - sum(self.padding) + self.block.size
+
+
+def _noise(block: mx.array, vocab_size: int, levels: tuple = (0.0, 1.0)) -> mx.array:
+    t = mx.random.uniform(*levels, shape=(block.shape[0], 1))
     replaced = mx.random.uniform(shape=block.shape) < t
     return mx.where(replaced, mx.random.randint(0, vocab_size, block.shape), block)
 
 
-def loss_fn(model: Model, context, block, noisy, self_conditioning, ar_weight: float):
-    cache = [ConcatenateKVCache() for _ in model.layers]
-    hidden = model.encode_chunk(context, cache)
+def encoded(model: Model, batch: Batch) -> tuple:
+    """The caches of the batch's contexts, as generation's batch prefill
+    builds them (a sliding layer's decoder then reads its last window - 1
+    tokens, as in generation), and the encoder's last hidden states."""
+    cache = batch_caches(model.make_cache()[: len(model.layers)], batch.padding)
+    return cache, model.encode_chunk(batch.context, cache)
+
+
+def loss_fn(model: Model, batch: Batch, noisy, self_conditioning, ar_weight: float):
+    cache, hidden = encoded(model, batch)
     logits = model.decode(noisy, cache, self_conditioning)
-    loss = nn.losses.cross_entropy(logits, block, reduction="mean")
+    loss = nn.losses.cross_entropy(logits, batch.block, reduction="mean")
     if ar_weight:
-        ar_logits = model.head(hidden[:, :-1])
-        loss = loss + ar_weight * nn.losses.cross_entropy(ar_logits, context[:, 1:], reduction="mean")
+        # next-token loss of the encoder where both tokens are the context's own
+        L = batch.context.shape[1]
+        real = (mx.arange(L - 1)[None] >= mx.array(batch.padding)[:, None]).astype(mx.float32)
+        ar = nn.losses.cross_entropy(model.head(hidden[:, :-1]), batch.context[:, 1:], reduction="none")
+        loss = loss + ar_weight * (ar * real).sum() / mx.maximum(real.sum(), 1)
     return loss
 
 
-def training_step(model, context, block, args: TrainingArgs):
+def training_step(model, batch: Batch, args: TrainingArgs):
     """Noise a batch and take the loss (and its gradient) of one denoising step."""
-    noisy = _noise(block, model.args.vocab_size)
+    noisy = _noise(batch.block, model.args.vocab_size, args.noise_levels)
     self_conditioning = None
     if random.random() < args.self_conditioning:
-        cache = [ConcatenateKVCache() for _ in model.layers]
-        model.encode_chunk(context, cache)
+        cache, _ = encoded(model, batch)
         temperature = random.uniform(0.4, 0.8)
         self_conditioning = mx.stop_gradient(model.decode(noisy, cache)) / temperature
     step = nn.value_and_grad(model, loss_fn)
-    return step(model, context, block, noisy, self_conditioning, args.ar_weight)
+    return step(model, batch, noisy, self_conditioning, args.ar_weight)
 
 
 def evaluate(model, batches: Batches, args: TrainingArgs) -> float:
+    return evaluate_batches(model, [next(batches) for _ in range(args.eval_batches)], args)
+
+
+def evaluate_batches(model, batches: list, args: TrainingArgs) -> float:
+    """The mean loss of these batches, each noised once, without self-conditioning."""
     losses = []
-    for _ in range(args.eval_batches):
-        context, block = next(batches)
-        noisy = _noise(block, model.args.vocab_size)
-        losses.append(loss_fn(model, context, block, noisy, None, args.ar_weight).item())
+    for batch in batches:
+        noisy = _noise(batch.block, model.args.vocab_size, args.noise_levels)
+        losses.append(loss_fn(model, batch, noisy, None, args.ar_weight).item())
     return sum(losses) / len(losses)
 
 
@@ -192,12 +231,12 @@ def train(model: Model, config: dict, train_blocks: list, valid_blocks: list, ou
     batches, valid = Batches(train_blocks, args.batch_size, args.seed + start), Batches(valid_blocks, args.batch_size, 1)
     history, tokens, tic = [], 0, time.perf_counter()
     for step in range(start + 1, args.iters + 1):
-        context, block = next(batches)
-        loss, grads = training_step(model, context, block, args)
+        batch = next(batches)
+        loss, grads = training_step(model, batch, args)
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss)
         history.append((step, loss.item()))
-        tokens += context.size + block.size
+        tokens += batch.tokens
         _progress(step, args.iters, loss.item(), tokens / (time.perf_counter() - tic))
         if step % args.eval_every == 0 or step == args.iters:
             model.eval()
@@ -243,7 +282,10 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
     training = TrainingArgs(**{k: getattr(args, k) for k in asdict(TrainingArgs())})
-    source = Path(args.model)
+    try:
+        source = resolve(args.model)  # "demo", a directory or a hub repo, as everywhere
+    except (FileNotFoundError, NotADirectoryError) as e:
+        parser.error(str(e))
     if args.from_scratch:
         config = load_config(source)
         mx.random.seed(training.seed)

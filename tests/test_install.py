@@ -25,6 +25,7 @@ SCRIPTS = {
     "mlx_diffusiongemma.generate": "mlx_diffusiongemma.generate.command:main",
     "mlx_diffusiongemma.convert": "mlx_diffusiongemma.convert:main",
     "mlx_diffusiongemma.train": "mlx_diffusiongemma.train:main",
+    "mlx_diffusiongemma.lora": "mlx_diffusiongemma.lora:main",
     "mlx_diffusiongemma.demo": "mlx_diffusiongemma.demo:main",
     "mlx_diffusiongemma": "mlx_diffusiongemma.__main__:main",
 }

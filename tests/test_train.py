@@ -146,13 +146,13 @@ def test_autoregressive_loss_reaches_the_encoder(setup):
     _, tokenizer = setup
     mx.random.seed(2)
     model = Model(ModelArgs.from_dict(TINY))
-    context, block = next(Batches(_blocks(tokenizer, _reverse_task(20, 0)), 4, seed=0))
-    noisy = mx.random.randint(0, 14, block.shape)
-    plain = loss_fn(model, context, block, noisy, None, 0.0)
-    with_ar = loss_fn(model, context, block, noisy, None, 1.0)
+    batch = next(Batches(_blocks(tokenizer, _reverse_task(20, 0)), 4, seed=0))
+    noisy = mx.random.randint(0, 14, batch.block.shape)
+    plain = loss_fn(model, batch, noisy, None, 0.0)
+    with_ar = loss_fn(model, batch, noisy, None, 1.0)
     assert with_ar.item() > plain.item()
     # the encoder's own layer scalars get a gradient only through the cache; the AR term adds to it
-    grads = [dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, context, block, noisy, None, w)[1]))
+    grads = [dict(tree_flatten(nn.value_and_grad(model, loss_fn)(model, batch, noisy, None, w)[1]))
              for w in (0.0, 1.0)]
     key = "model.encoder.language_model.layers.0.layer_scalar"
     assert not np.allclose(np.array(grads[0][key]), np.array(grads[1][key]))

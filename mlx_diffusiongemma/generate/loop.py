@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
 from mlx_lm.generate import generation_stream, wired_limit
-from mlx_lm.models.cache import BatchKVCache, BatchRotatingKVCache, KVCache
 
+from ..cache_views import batch_caches
 from ..chat import split_thinking
 from ..model import Images, chunk_bounds
 from ..sampling import Randomness, StableAndConfidentStopping, choose_prediction, linear_temperature, renoise
@@ -239,10 +239,7 @@ def prefill(model, prompts: list, features: Optional[list] = None) -> list:
             ids, images = ids[-1:], images and images.span(n - 1, n)
         model.encode(ids, cache, chunk_size=PREFILL_STEP_SIZE, images=images)
         return cache
-    cache = [
-        BatchKVCache(padding) if isinstance(c, KVCache) else BatchRotatingKVCache(c.max_size, padding)
-        for c in cache[: len(model.layers)]
-    ]
+    cache = batch_caches(cache[: len(model.layers)], padding)
     for begin, end in chunk_bounds(length, PREFILL_STEP_SIZE, images, shortest=2):
         model.encode(padded[:, begin:end], cache, chunk_size=end - begin, images=images and images.span(begin, end))
     return cache
