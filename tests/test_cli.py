@@ -187,12 +187,29 @@ def _command(args, **kwargs) -> subprocess.Popen:
     )
 
 
+def _wait_until_reading_stdin(pid: int, timeout: float = 120) -> None:
+    """Until the process blocks in read(0, ...) (Linux: /proc/PID/syscall
+    starts "0 0x0"), however long its imports take on a loaded machine."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/syscall").read_text().split()[:2] == ["0", "0x0"]:
+                time.sleep(0.2)  # inside the read, past the handler's setup
+                return
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the command never read its standard input")
+
+
 def test_interrupt_is_one_line_and_exit_130():
     import signal
     import time
 
     process = _command(["--model", "demo", "--prompt", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    time.sleep(5)  # loaded, reading the prompt from stdin
+    _wait_until_reading_stdin(process.pid)  # loaded, reading the prompt from stdin
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130

@@ -16,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from ..chat import ImageTokens, render_conversation, render_prompt
+from ..chat import ImageTokens, check_length, check_text, render_conversation, render_prompt
 from ..images import SUPPORTED_SOFT_TOKENS, preprocess
 
 # Gemma4ImageProcessor's default, for a checkpoint without a processor config
@@ -102,6 +102,11 @@ def _prepare(prompt, sources: list, tokenizer, model, max_soft_tokens, what: str
             image_tokens=image_tokens,
         )
     elif conversation:
+        texts = [_text_of(m) for m in prompt]
+        for text in texts:
+            check_text(text, "prompt")
+        if tokenizer is not None:
+            check_length(tokenizer, "".join(texts), "prompt", args.max_position_embeddings)
         text = render_conversation(tokenizer, [_without_images(m) for m in prompt], rendering.get("enable_thinking", False))
         if image_tokens is not None:
             text = image_tokens.expand(text)
@@ -119,20 +124,35 @@ def _prepare(prompt, sources: list, tokenizer, model, max_soft_tokens, what: str
 
 
 def _message_images(messages, what: str) -> list:
-    """The images the messages' content items carry, in order."""
+    """The images the messages' content items carry, in order; each message
+    checked to be what chat templates read (a role, and content that is a
+    string or a list of typed items), so a malformed one is named here
+    rather than failing inside the template."""
     found = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(message, dict):
-            raise ValueError(f"{what}: each chat message must be an object, got {type(message).__name__}")
-        for item in content if isinstance(content, list) else []:
-            if isinstance(item, dict) and item.get("type") == "image":
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"{what}: message {i} must be an object with a string 'role'")
+        content = message.get("content")
+        items = content if isinstance(content, list) else []
+        if not isinstance(content, str) and not (
+            isinstance(content, list) and all(isinstance(item, dict) and isinstance(item.get("type"), str) for item in items)
+        ):
+            raise ValueError(f"{what}: message {i}'s content must be a string or a list of items with a 'type'")
+        for item in items:
+            if item["type"] == "image":
                 source = next((item[k] for k in _IMAGE_KEYS if item.get(k) is not None), None)
                 if isinstance(source, str) and source.startswith(("http://", "https://")):
                     raise ValueError(f"{what}: image URLs are not fetched ({source}); give a local path, a PIL image or an array")
                 if source is not None:
                     found.append(source)
+            elif item["type"] == "text" and not isinstance(item.get("text"), str):
+                raise ValueError(f"{what}: message {i} has a text item without a string 'text'")
     return found
+
+
+def _text_of(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(i["text"] for i in content if i["type"] == "text")
 
 
 def _without_images(message: dict) -> dict:
