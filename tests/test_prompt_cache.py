@@ -185,7 +185,7 @@ def test_bad_calls_get_clear_errors(narrow_window):
         model(mx.array([[0, 1], [2, 3]]), cache=cache)
     with pytest.raises(ValueError, match="make_prompt_cache"):
         model(mx.array([[0, 1]]), cache=model.make_cache()[:4])
-    with pytest.raises(ValueError, match="make_prompt_cache"):
+    with pytest.raises(ValueError, match="no next-token logits"):
         model(mx.array([[0, 1]]))
     with pytest.raises(ValueError, match="input_embeddings"):
         model(mx.array([[0, 1]]), cache=cache, input_embeddings=mx.zeros((1, 2, 64)))
