@@ -40,6 +40,7 @@ from mlx_lm.utils import save_config
 
 from .arguments import ArgumentParser
 from .load import load
+from .model import VISION_PREFIXES
 from .staging import claimed
 from .train import Batch, TrainingArgs, evaluate_batches, make_blocks, training_step
 
@@ -335,7 +336,7 @@ def train_model(model, args, train_blocks: list, valid_blocks: list, log=print) 
     training = TrainingArgs(batch_size=args.batch_size, self_conditioning=args.self_conditioning,
                             ar_weight=args.ar_weight, noise_min=args.noise_min, noise_max=args.noise_max)
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()) if not _is_tower(_))
+    total = sum(v.size for name, v in tree_flatten(model.parameters()) if not name.startswith(VISION_PREFIXES))
     log(f"Trainable parameters: {100 * trainable / total:.3f}% ({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)")
     if start:
         log(f"Resuming at iteration {start}")
@@ -360,10 +361,6 @@ def train_model(model, args, train_blocks: list, valid_blocks: list, log=print) 
             log(f"Iter {step}: Saved adapter weights to {adapter_path / 'adapters.safetensors'}")
     model.eval()
     return losses
-
-
-def _is_tower(name: str) -> bool:
-    return ".vision_tower." in name or ".embed_vision." in name
 
 
 def _step(model, optimizer, args, training, blocks: list, step: int) -> tuple:
